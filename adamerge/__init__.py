@@ -1,0 +1,8 @@
+"""adamerge: learn how to merge fine-tuned models (AdaMerging, task arithmetic, TIES, ...)."""
+
+from adamerge.compat.torchvision_ops import ensure_torchvision_importable
+
+# Must run before anything imports torchvision (open_clip, lightning, torchmetrics do).
+TORCHVISION_REPAIR = ensure_torchvision_importable()
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Tasks: labelled image datasets with class names and prompt templates."""

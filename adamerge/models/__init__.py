@@ -1,0 +1,1 @@
+"""Backbones (open_clip CLIP models), zero-shot heads and checkpoint files."""

@@ -1,0 +1,83 @@
+"""A CLIP backbone: the open_clip model plus the tokenizer and transform that belong to it.
+
+Only the vision tower (``clip.visual``) is ever merged; the text tower exists to build zero-shot
+heads through the same code path real CLIP uses.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+
+_ARCH_DIR = Path(__file__).parent / "architectures"
+_registered = False
+
+
+def register_architectures() -> list[str]:
+    """Add adamerge's small architectures (``architectures/*.json``) to open_clip's registry."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(_ARCH_DIR)
+        _registered = True
+    return sorted(p.stem for p in _ARCH_DIR.glob("*.json"))
+
+
+@dataclass
+class Backbone:
+    name: str
+    clip: open_clip.CLIP
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    preprocess: Callable  # PIL image -> tensor, open_clip's validation transform
+
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.clip.visual
+
+    @property
+    def image_size(self) -> int:
+        size = self.clip.visual.image_size
+        return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """Raised instead of letting a download hang on an offline machine."""
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "ADAMERGE_OFFLINE"))
+
+
+def load_open_clip(arch: str, pretrained: str | None = None, cache_dir: str | None = None,
+                   weights: str | None = None) -> Backbone:
+    """Build ``arch`` with open_clip; weights from a pretrained tag, a local file, or none (random).
+
+    ``weights`` (a local ``.safetensors``/open_clip checkpoint of the *full* CLIP model) wins over
+    ``pretrained``. With a tag on an offline machine, a missing cached file fails at once and says
+    what to download and where to put it.
+    """
+    register_architectures()
+    known = open_clip.list_models()
+    if arch not in known:
+        raise ValueError(f"unknown open_clip architecture {arch!r}; known: {', '.join(known)}")
+    source = weights if weights is not None else pretrained
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=source, cache_dir=cache_dir)
+    except Exception as err:  # open_clip raises several types for "could not fetch"
+        if pretrained and weights is None:
+            raise PretrainedWeightsUnavailable(
+                f"could not load open_clip {arch!r} with pretrained tag {pretrained!r} "
+                f"(cache dir: {cache_dir or 'open_clip default'}): {err}\n"
+                f"On a machine with internet run once: python -c \"import open_clip; "
+                f"open_clip.create_model_and_transforms('{arch}', pretrained='{pretrained}', "
+                f"cache_dir='{cache_dir or '~/.cache/clip'}')\" and copy that cache dir here, "
+                f"or pass model.weights=/path/to/open_clip_checkpoint."
+            ) from err
+        raise
+    model.eval().requires_grad_(False)
+    return Backbone(name=arch, clip=model, tokenizer=open_clip.get_tokenizer(arch), preprocess=preprocess)
