@@ -1,0 +1,19 @@
+"""Merge math: plain functions over state dicts and stacked task vectors. No Hydra, no Lightning, no I/O.
+
+Notation follows the AdaMerging paper (Yang et al., ICLR 2024): θ₀ pre-trained weights, θₖ the
+fine-tuned weights of task k, τₖ = θₖ − θ₀ its task vector, λ merge coefficients.
+"""
+
+from adamerge.merging.averaging import weight_average
+from adamerge.merging.coefficients import MergeCoefficients
+from adamerge.merging.entropy import entropy_loss
+from adamerge.merging.stacked import StackedTaskVectors
+from adamerge.merging.task_arithmetic import task_arithmetic
+from adamerge.merging.task_vectors import CheckpointMismatchError, check_compatible, mergeable_keys, task_vector
+from adamerge.merging.ties import elect_sign, ties_merge, ties_task_vectors, trim_top_k
+
+__all__ = [
+    "CheckpointMismatchError", "MergeCoefficients", "StackedTaskVectors", "check_compatible",
+    "elect_sign", "entropy_loss", "mergeable_keys", "task_arithmetic", "task_vector", "ties_merge",
+    "ties_task_vectors", "trim_top_k", "weight_average",
+]

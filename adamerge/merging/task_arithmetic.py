@@ -1,0 +1,21 @@
+"""Task arithmetic (Ilharco et al., ICLR 2023): θ = θ₀ + λ Σₖ τₖ."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from adamerge.merging.task_vectors import add_scaled
+
+
+def sum_vectors(vectors: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if not vectors:
+        raise ValueError("need at least one task vector")
+    return {k: torch.stack([v[k] for v in vectors]).sum(0) for k in vectors[0]}
+
+
+def task_arithmetic(pretrained: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, torch.Tensor]],
+                    lam: float = 0.3) -> dict[str, torch.Tensor]:
+    """One shared scaling λ for every task vector (the paper's baseline uses λ = 0.3)."""
+    return add_scaled(pretrained, sum_vectors(vectors), lam)

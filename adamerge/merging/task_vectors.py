@@ -1,0 +1,60 @@
+"""Task vectors τₖ = θₖ − θ₀ over state dicts (Ilharco et al., 2023)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+class CheckpointMismatchError(ValueError):
+    """A fine-tuned checkpoint that does not fit the pre-trained one, with the offending tensors named."""
+
+
+def _listing(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" … (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_compatible(pretrained: StateDict, finetuned: StateDict, source: str = "fine-tuned checkpoint") -> None:
+    """Raise :class:`CheckpointMismatchError` naming every missing, extra, reshaped or retyped tensor."""
+    problems = []
+    missing = pretrained.keys() - finetuned.keys()
+    extra = finetuned.keys() - pretrained.keys()
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {_listing(missing)}")
+    if extra:
+        problems.append(f"unexpected {len(extra)} tensor(s): {_listing(extra)}")
+    shared = pretrained.keys() & finetuned.keys()
+    shapes = [f"{k} {tuple(finetuned[k].shape)} vs {tuple(pretrained[k].shape)}"
+              for k in sorted(shared) if finetuned[k].shape != pretrained[k].shape]
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es) (checkpoint vs backbone): {'; '.join(shapes[:8])}")
+    dtypes = [f"{k} {finetuned[k].dtype} vs {pretrained[k].dtype}" for k in sorted(shared)
+              if finetuned[k].shape == pretrained[k].shape
+              and finetuned[k].is_floating_point() != pretrained[k].is_floating_point()]
+    if dtypes:
+        problems.append(f"{len(dtypes)} dtype mismatch(es): {'; '.join(dtypes[:8])}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"{source} does not fit the pre-trained backbone — " + " | ".join(problems)
+            + ". Is it from the same architecture (e.g. ViT-B-32 vs ViT-B-16) and a vision-tower state dict?")
+
+
+def mergeable_keys(state: StateDict) -> list[str]:
+    """Keys that merging touches: floating-point tensors, in state-dict order. Integer buffers stay θ₀'s."""
+    return [k for k, v in state.items() if v.is_floating_point()]
+
+
+def task_vector(finetuned: StateDict, pretrained: StateDict, source: str = "fine-tuned checkpoint") -> dict[str, torch.Tensor]:
+    """τ = θ_ft − θ₀ over the floating-point tensors (computed in θ₀'s dtype)."""
+    check_compatible(pretrained, finetuned, source)
+    return {k: finetuned[k].to(pretrained[k].dtype) - pretrained[k] for k in mergeable_keys(pretrained)}
+
+
+def add_scaled(pretrained: StateDict, vector: StateDict, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """θ₀ + scale·τ; keys absent from τ (integer buffers) are copied from θ₀."""
+    return {k: (v + scale * vector[k] if k in vector else v.clone()) for k, v in pretrained.items()}

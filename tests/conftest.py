@@ -1,0 +1,30 @@
+"""Test-wide settings: offline, one torch thread, W&B never online, the tiny open_clip architecture."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import adamerge  # noqa: E402,F401  (repairs torchvision before anything imports it)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from adamerge.models.backbone import load_open_clip
+
+    torch.manual_seed(0)
+    return load_open_clip("adamerge-tiny")
+
+
+@pytest.fixture()
+def tiny_models(tiny_backbone):
+    """θ₀ of the tiny vision tower and three fine-tuned versions (small random moves)."""
+    gen = torch.Generator().manual_seed(1)
+    theta0 = {k: v.clone() for k, v in tiny_backbone.visual.state_dict().items()}
+    finetuned = [{k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in theta0.items()} for _ in range(3)]
+    return theta0, finetuned

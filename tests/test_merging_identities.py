@@ -1,0 +1,208 @@
+"""The mathematical identities that pin every merge method to its paper definition."""
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from adamerge.merging import (CheckpointMismatchError, MergeCoefficients, StackedTaskVectors, elect_sign,
+                              entropy_loss, task_arithmetic, task_vector, ties_merge, ties_task_vectors,
+                              trim_top_k, weight_average)
+from adamerge.merging.ties import flatten
+
+
+def assert_state_close(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def vectors_of(theta0, finetuned):
+    return [task_vector(ft, theta0) for ft in finetuned]
+
+
+def test_task_arithmetic_at_zero_is_pretrained(tiny_models):
+    theta0, ft = tiny_models
+    assert_state_close(task_arithmetic(theta0, vectors_of(theta0, ft), lam=0.0), theta0)
+
+
+def test_task_arithmetic_one_task_at_one_is_finetuned(tiny_models):
+    theta0, ft = tiny_models
+    assert_state_close(task_arithmetic(theta0, vectors_of(theta0, ft[:1]), lam=1.0), ft[0])
+
+
+def test_task_arithmetic_formula(tiny_models):
+    theta0, ft = tiny_models
+    merged = task_arithmetic(theta0, vectors_of(theta0, ft), lam=0.3)
+    for k in theta0:
+        expected = theta0[k] + 0.3 * sum(f[k] - theta0[k] for f in ft)
+        torch.testing.assert_close(merged[k], expected, atol=1e-6, rtol=0)
+
+
+def test_weight_average_is_mean_and_equals_ta_at_one_over_k(tiny_models):
+    theta0, ft = tiny_models
+    avg = weight_average(ft)
+    assert_state_close(avg, task_arithmetic(theta0, vectors_of(theta0, ft), lam=1 / 3), atol=1e-5)
+
+
+def agreeing_vectors(theta0, k=3):
+    """Task vectors whose every entry is non-zero and has the same sign across tasks."""
+    gen = torch.Generator().manual_seed(2)
+    signs = {key: torch.where(torch.rand(v.shape, generator=gen) > 0.5, 1.0, -1.0) for key, v in theta0.items()}
+    return [{key: signs[key] * (0.01 + torch.rand(v.shape, generator=gen)) for key, v in theta0.items()}
+            for _ in range(k)]
+
+
+def test_ties_without_trimming_or_conflict_is_task_arithmetic_sum(tiny_models):
+    theta0, _ = tiny_models
+    tvs = agreeing_vectors(theta0)
+    assert_state_close(ties_merge(theta0, tvs, keep=1.0, lam=0.3, merge="sum"), task_arithmetic(theta0, tvs, 0.3), atol=1e-5)
+
+
+def test_ties_mean_without_trimming_or_conflict_is_ta_over_k(tiny_models):
+    theta0, _ = tiny_models
+    tvs = agreeing_vectors(theta0)
+    assert_state_close(ties_merge(theta0, tvs, keep=1.0, lam=0.9, merge="mean"), task_arithmetic(theta0, tvs, 0.3), atol=1e-5)
+
+
+def test_trim_keeps_top_fraction_of_whole_flattened_vector():
+    flat = torch.tensor([[0.1, -5.0, 0.3, 2.0, -0.2, 0.0, 4.0, -1.0, 0.05, 3.0]])
+    trimmed = trim_top_k(flat, keep=0.3)
+    assert torch.equal(trimmed, torch.tensor([[0.0, -5.0, 0, 0, 0, 0, 4.0, 0, 0, 3.0]]))
+
+
+def test_elect_sign_by_sum_and_disjoint_mean():
+    tvs = [{"w": torch.tensor([1.0, -3.0, 2.0])}, {"w": torch.tensor([-2.0, 1.0, 2.0])}]
+    flat, _, _ = flatten(tvs)
+    assert torch.equal(elect_sign(flat), torch.tensor([-1.0, -1.0, 1.0]))
+    merged = ties_merge({"w": torch.zeros(3)}, tvs, keep=1.0, lam=1.0, merge="mean")
+    assert torch.equal(merged["w"], torch.tensor([-2.0, -3.0, 2.0]))
+    merged_sum = ties_merge({"w": torch.zeros(3)}, tvs, keep=1.0, lam=1.0, merge="sum")
+    assert torch.equal(merged_sum["w"], torch.tensor([-2.0, -3.0, 4.0]))
+
+
+def test_ties_task_vectors_keep_only_agreeing_entries():
+    tvs = [{"w": torch.tensor([1.0, -3.0, 2.0])}, {"w": torch.tensor([-2.0, 1.0, 2.0])}]
+    out = ties_task_vectors(tvs, keep=1.0)
+    assert torch.equal(out[0]["w"], torch.tensor([0.0, -3.0, 2.0]))
+    assert torch.equal(out[1]["w"], torch.tensor([-2.0, 0.0, 2.0]))
+
+
+def test_unknown_ties_merge_function_lists_valid():
+    with pytest.raises(ValueError, match="mean, sum"):
+        ties_merge({"w": torch.zeros(1)}, [{"w": torch.ones(1)}], merge="max")
+
+
+def test_layerwise_with_equal_coefficients_gives_task_arithmetic_outputs(tiny_backbone, tiny_models):
+    theta0, ft = tiny_models
+    stacked = StackedTaskVectors.from_state_dicts(theta0, ft)
+    coeffs = MergeCoefficients(3, stacked.num_layers, granularity="layer", init=0.37)
+    images = torch.randn(4, 3, 16, 16)
+    visual = tiny_backbone.visual
+    out_lw = functional_call(visual, stacked.merge(coeffs()), (images,))
+    out_ta = functional_call(visual, task_arithmetic(theta0, vectors_of(theta0, ft), 0.37), (images,))
+    torch.testing.assert_close(out_lw, out_ta, atol=1e-5, rtol=1e-5)
+
+
+def test_taskwise_equals_layerwise_with_tied_coefficients(tiny_models):
+    theta0, ft = tiny_models
+    stacked = StackedTaskVectors.from_state_dicts(theta0, ft)
+    tw = MergeCoefficients(3, stacked.num_layers, granularity="task")
+    with torch.no_grad():
+        tw.raw.copy_(torch.tensor([0.1, 0.5, 0.9]))
+    lw = MergeCoefficients(3, stacked.num_layers, granularity="layer")
+    with torch.no_grad():
+        lw.raw.copy_(torch.tensor([0.1, 0.5, 0.9])[:, None].expand_as(lw.raw))
+    assert_state_close(stacked.merge(tw()), stacked.merge(lw()))
+
+
+def test_adamerging_plus_plus_uses_ties_trimmed_vectors(tiny_models):
+    theta0, ft = tiny_models
+    plain = StackedTaskVectors.from_state_dicts(theta0, ft)
+    trimmed = StackedTaskVectors.from_state_dicts(theta0, ft, ties_keep=0.2)
+    nonzero = sum(int((trimmed.vector(i) != 0).sum()) for i in range(trimmed.num_layers))
+    total = sum(plain.vector(i).numel() for i in range(plain.num_layers))
+    assert 0 < nonzero <= 0.2 * total + 3
+    expected = ties_task_vectors(vectors_of(theta0, ft), keep=0.2)
+    for i, key in enumerate(trimmed.keys):
+        assert torch.equal(trimmed.vector(i), torch.stack([e[key] for e in expected]))
+
+
+def test_every_coefficient_gets_a_gradient(tiny_backbone, tiny_models):
+    theta0, ft = tiny_models
+    stacked = StackedTaskVectors.from_state_dicts(theta0, ft)
+    coeffs = MergeCoefficients(3, stacked.num_layers, granularity="layer")
+    head = torch.randn(5, 32)
+    feats = functional_call(tiny_backbone.visual, stacked.merge(coeffs()), (torch.randn(8, 3, 16, 16),))
+    entropy_loss(torch.nn.functional.normalize(feats, dim=-1) @ head.T * 10).backward()
+    assert coeffs.raw.grad is not None
+    assert (coeffs.raw.grad != 0).all(), f"{int((coeffs.raw.grad == 0).sum())} coefficients got no gradient"
+
+
+def test_entropy_decreases_on_fixed_batches(tiny_backbone, tiny_models):
+    theta0, ft = tiny_models
+    stacked = StackedTaskVectors.from_state_dicts(theta0, ft)
+    coeffs = MergeCoefficients(3, stacked.num_layers, granularity="layer")
+    opt = torch.optim.Adam(coeffs.parameters(), lr=1e-2)
+    head = torch.randn(5, 32)
+    images = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    losses = []
+    for _ in range(8):
+        feats = functional_call(tiny_backbone.visual, stacked.merge(coeffs()), (images,))
+        loss = entropy_loss(torch.nn.functional.normalize(feats, dim=-1) @ head.T * 10)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_clamp_keeps_coefficients_in_unit_interval_and_counts_bounds():
+    coeffs = MergeCoefficients(2, 3, granularity="layer")
+    with torch.no_grad():
+        coeffs.raw.copy_(torch.tensor([[-0.5, 0.5, 1.5], [0.2, 1.0, 0.3]]))
+    lam = coeffs()
+    assert lam.min() >= 0 and lam.max() <= 1
+    assert coeffs.at_bounds() == 3
+    free = MergeCoefficients(2, 3, granularity="layer", clamp=None)
+    with torch.no_grad():
+        free.raw.fill_(1.7)
+    assert torch.all(free() == 1.7) and free.at_bounds() == 0
+
+
+def test_entropy_loss_values():
+    uniform = torch.zeros(4, 10)
+    torch.testing.assert_close(entropy_loss(uniform), torch.log(torch.tensor(10.0)))
+    confident = torch.tensor([[100.0, 0.0, 0.0]])
+    assert entropy_loss(confident).item() < 1e-6
+
+
+def test_layerwise_count_is_152_for_vit_b32_vision_tower():
+    import open_clip
+
+    with torch.device("meta"):
+        model = open_clip.create_model("ViT-B-32", pretrained=None, device="meta")
+    state = model.visual.state_dict()
+    stacked_keys = [k for k, v in state.items() if v.is_floating_point()]
+    assert len(stacked_keys) == 152
+    assert MergeCoefficients(8, len(stacked_keys)).raw.shape == (8, 152)
+
+
+def test_mismatched_checkpoint_names_the_tensors(tiny_models):
+    theta0, ft = tiny_models
+    bad = dict(ft[0])
+    bad.pop("conv1.weight")
+    bad["transformer.resblocks.9.mlp.c_fc.weight"] = torch.zeros(1)
+    bad["proj"] = torch.zeros(7, 7)
+    with pytest.raises(CheckpointMismatchError) as err:
+        task_vector(bad, theta0, source="cars.safetensors")
+    msg = str(err.value)
+    assert "cars.safetensors" in msg and "conv1.weight" in msg
+    assert "transformer.resblocks.9.mlp.c_fc.weight" in msg and "proj (7, 7)" in msg
+
+
+def test_integer_buffers_are_untouched():
+    theta0 = {"w": torch.zeros(2), "steps": torch.tensor([5])}
+    ft = [{"w": torch.ones(2), "steps": torch.tensor([9])}]
+    merged = task_arithmetic(theta0, [task_vector(f, theta0) for f in ft], lam=0.5)
+    assert torch.equal(merged["steps"], torch.tensor([5]))
+    assert torch.equal(merged["w"], torch.full((2,), 0.5))
