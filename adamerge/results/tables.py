@@ -1,0 +1,254 @@
+"""Paper-style tables from run records: one row per ``label``, one column per task, then ``Avg``.
+
+Cells are accuracy in percent with one decimal, averaged over seeds; with two or more seeds the
+cell also shows the *sample* standard deviation (ddof=1) over seeds, e.g. ``85.0 ± 7.1``.
+``Avg`` is the mean over seeds of each run's mean over the table's tasks (and its std over seeds),
+so it always matches the columns shown.
+
+Command line (``adamerge-tables``)::
+
+    adamerge-tables results/raw/demo.jsonl [more files or dirs] --out results/demo
+        [--experiment NAME] [--all-records] [--tasks A,B,C] [--row LABEL ...] [--reference paper.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from adamerge.results.records import (
+    RecordFormatError,
+    ResultsDirError,
+    keep_latest,
+    read_records,
+    write_text_atomic,
+)
+
+REFERENCE_SUFFIX = " (paper)"
+
+
+class TableError(ValueError):
+    """Records that cannot form one honest table (e.g. one row mixing different task sets)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table cell in percent; ``std`` is None with fewer than two seeds, ``mean`` None when unknown."""
+
+    mean: float | None
+    std: float | None = None
+
+    def text(self) -> str:
+        if self.mean is None:
+            return "–"
+        return f"{self.mean:.1f}" if self.std is None else f"{self.mean:.1f} ± {self.std:.1f}"
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    cells: dict[str, Cell]
+    avg: Cell
+    n_seeds: int | None  # None for reference ("paper") rows
+    is_reference: bool = False
+
+
+@dataclass(frozen=True)
+class Table:
+    tasks: list[str]
+    rows: list[Row]
+
+    @property
+    def header(self) -> list[str]:
+        return ["Method", *self.tasks, "Avg"]
+
+    def cell_texts(self) -> list[list[str]]:
+        return [[row.label, *(row.cells[t].text() for t in self.tasks), row.avg.text()] for row in self.rows]
+
+    def to_markdown(self) -> str:
+        """GitHub Markdown with padded columns, so the plain text reads as a table too."""
+        lines = [self.header, *([_escape_pipes(c) for c in row] for row in self.cell_texts())]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(self.header))]
+        widths = [max(w, 4) for w in widths]  # room for ':---' / '---:'
+
+        def render(cells: Sequence[str]) -> str:
+            padded = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+            return "| " + " | ".join(padded) + " |"
+
+        separator = "| " + " | ".join([":" + "-" * (widths[0] - 1)] + ["-" * (w - 1) + ":" for w in widths[1:]]) + " |"
+        return "\n".join([render(lines[0]), separator, *map(render, lines[1:])]) + "\n"
+
+    def to_csv(self) -> str:
+        """Numbers in percent at full precision; empty where unknown (std with one seed, paper n_seeds)."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["method", *(c for t in self.tasks for c in (t, f"{t}_std")), "avg", "avg_std", "n_seeds"])
+        for row in self.rows:
+            numbers = [v for t in self.tasks for v in (row.cells[t].mean, row.cells[t].std)]
+            numbers += [row.avg.mean, row.avg.std]
+            writer.writerow([row.label, *map(_csv_number, numbers), "" if row.n_seeds is None else row.n_seeds])
+        return buffer.getvalue()
+
+
+def _escape_pipes(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _csv_number(value: float | None) -> str:
+    return "" if value is None else repr(round(value, 6))
+
+
+def build_table(
+    records: Iterable[Mapping[str, Any]],
+    task_order: Sequence[str] | None = None,
+    row_order: Sequence[str] | None = None,
+    reference: Mapping[str, Mapping[str, float]] | None = None,
+) -> Table:
+    """Group ``records`` by ``label`` into rows, averaging over seeds.
+
+    Columns are ``task_order`` (which may pick a subset) or the first record's ``tasks``. Rows
+    follow ``row_order`` (labels absent from the records are skipped; labels it does not name
+    come after, in first-appearance order, so no result is hidden). ``reference`` maps a label to
+    published numbers in percent (optionally with an ``"Avg"`` entry) and adds ``"<label> (paper)"``
+    right after that label's row. Every record is counted: deduplicate first with
+    :func:`~adamerge.results.records.keep_latest` if re-runs should replace older runs.
+    """
+    records = list(records)
+    if not records:
+        raise TableError("no run records to tabulate")
+    tasks = list(task_order) if task_order is not None else list(records[0]["tasks"])
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(record["label"], []).append(record)
+
+    labels = [label for label in (row_order or []) if label in groups]
+    labels += [label for label in groups if label not in labels]
+    rows: list[Row] = []
+    for label in labels:
+        rows.append(_measured_row(label, groups[label], tasks, subset_allowed=task_order is not None))
+        if reference and label in reference:
+            rows.append(_reference_row(label, reference[label], tasks))
+    return Table(tasks=tasks, rows=rows)
+
+
+def _measured_row(label: str, group: list[Mapping[str, Any]], tasks: list[str], subset_allowed: bool) -> Row:
+    _check_consistent(label, group, tasks, subset_allowed)
+    per_task = {t: _cell([r["accuracy"][t] for r in group]) for t in tasks}
+    per_run_avg = [statistics.fmean(r["accuracy"][t] for t in tasks) for r in group]
+    return Row(label=label, cells=per_task, avg=_cell(per_run_avg), n_seeds=len(group))
+
+
+def _check_consistent(label: str, group: list[Mapping[str, Any]], tasks: list[str], subset_allowed: bool) -> None:
+    """Refuse to average runs that measured different things; a silently mixed row would mislead."""
+    first = group[0]
+    for record in group[1:]:
+        if set(record["tasks"]) != set(first["tasks"]):
+            raise TableError(
+                f"records for {label!r} disagree on the task set: {sorted(first['tasks'])} "
+                f"(run {first['run_id']}) vs {sorted(record['tasks'])} (run {record['run_id']})"
+            )
+    models = sorted({r["model"] for r in group})
+    if len(models) > 1:
+        raise TableError(f"records for {label!r} mix models {models}; filter with --experiment or use distinct labels")
+    missing = [t for t in tasks if t not in first["tasks"]]
+    if missing:
+        raise TableError(f"records for {label!r} have no accuracy for column(s) {missing}")
+    extra = [t for t in first["tasks"] if t not in tasks]
+    if extra and not subset_allowed:
+        raise TableError(
+            f"records for {label!r} also cover {extra}, which the table's columns {tasks} lack; "
+            "pass task_order (--tasks) to choose the columns explicitly"
+        )
+
+
+def _cell(fractions: list[float]) -> Cell:
+    percents = [100.0 * f for f in fractions]
+    std = statistics.stdev(percents) if len(percents) >= 2 else None
+    return Cell(mean=statistics.fmean(percents), std=std)
+
+
+def _reference_row(label: str, numbers: Mapping[str, float], tasks: list[str]) -> Row:
+    cells = {t: Cell(float(numbers[t]) if t in numbers else None) for t in tasks}
+    avg = numbers.get("Avg", numbers.get("avg"))
+    if avg is None and all(t in numbers for t in tasks):
+        avg = statistics.fmean(float(numbers[t]) for t in tasks)
+    return Row(label=label + REFERENCE_SUFFIX, cells=cells, avg=Cell(None if avg is None else float(avg)),
+               n_seeds=None, is_reference=True)
+
+
+def write_tables(table: Table, out_stem: str | Path) -> tuple[Path, Path]:
+    """Write ``<out_stem>.md`` and ``<out_stem>.csv``, each atomically; return both paths."""
+    out_stem = Path(out_stem)
+    markdown = write_text_atomic(out_stem.with_name(out_stem.name + ".md"), table.to_markdown())
+    csv_path = write_text_atomic(out_stem.with_name(out_stem.name + ".csv"), table.to_csv())
+    return markdown, csv_path
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="adamerge-tables", description="Turn adamerge run records into tables.")
+    parser.add_argument("paths", nargs="+", type=Path, help=".jsonl record files or directories holding them")
+    parser.add_argument("--out", type=Path, help="output stem: writes <OUT>.md and <OUT>.csv")
+    parser.add_argument("--experiment", help="use only records of this experiment")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--latest", dest="latest", action="store_true", default=True,
+                       help="keep only the newest record per (label, seed) (the default)")
+    which.add_argument("--all-records", dest="latest", action="store_false",
+                       help="average every record, re-runs included")
+    parser.add_argument("--tasks", help="comma-separated column order (may pick a subset)")
+    parser.add_argument("--row", dest="rows", action="append", metavar="LABEL", help="row order; repeat per label")
+    parser.add_argument("--reference", type=Path,
+                        help='JSON file {"label": {"task": percent, ..., "Avg": percent}} for "(paper)" rows')
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the table of the given records and, with ``--out``, write it as Markdown + CSV."""
+    args = _parse_args(argv)
+    try:
+        records = read_records(args.paths)
+        if args.experiment is not None:
+            available = sorted({r["experiment"] for r in records})
+            records = [r for r in records if r["experiment"] == args.experiment]
+            if not records:
+                raise TableError(f"no records for experiment {args.experiment!r}; found experiments {available}")
+        if args.latest:
+            records = keep_latest(records)
+        reference = json.loads(args.reference.read_text(encoding="utf-8")) if args.reference else None
+        task_order = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+        table = build_table(records, task_order=task_order, row_order=args.rows, reference=reference)
+        _print_table(table)
+        if args.out is not None:
+            for path in write_tables(table, args.out):
+                print(f"wrote {path}", file=sys.stderr)
+    except (OSError, ValueError, ResultsDirError, RecordFormatError, TableError) as error:
+        print(f"adamerge-tables: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_table(table: Table) -> None:
+    """Rich table on a terminal; plain Markdown when piped, so the output can be pasted or diffed."""
+    if not sys.stdout.isatty():
+        sys.stdout.write(table.to_markdown())
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table as RichTable
+
+    rich_table = RichTable(*table.header)
+    for column in rich_table.columns[1:]:
+        column.justify = "right"
+    for row, texts in zip(table.rows, table.cell_texts()):
+        rich_table.add_row(*map(escape, texts), style="dim" if row.is_reference else None)
+    Console().print(rich_table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
