@@ -8,12 +8,12 @@ from adamerge.merging.averaging import weight_average
 from adamerge.merging.coefficients import MergeCoefficients
 from adamerge.merging.entropy import entropy_loss
 from adamerge.merging.stacked import StackedTaskVectors
-from adamerge.merging.task_arithmetic import task_arithmetic
-from adamerge.merging.task_vectors import CheckpointMismatchError, check_compatible, mergeable_keys, task_vector
-from adamerge.merging.ties import elect_sign, ties_merge, ties_task_vectors, trim_top_k
+from adamerge.merging.task_arithmetic import sum_vectors, task_arithmetic
+from adamerge.merging.task_vectors import CheckpointMismatchError, add_scaled, check_compatible, mergeable_keys, task_vector
+from adamerge.merging.ties import elect_sign, ties_merge, ties_task_vectors, ties_vector, trim_top_k
 
 __all__ = [
-    "CheckpointMismatchError", "MergeCoefficients", "StackedTaskVectors", "check_compatible",
-    "elect_sign", "entropy_loss", "mergeable_keys", "task_arithmetic", "task_vector", "ties_merge",
-    "ties_task_vectors", "trim_top_k", "weight_average",
+    "CheckpointMismatchError", "MergeCoefficients", "StackedTaskVectors", "add_scaled", "check_compatible",
+    "elect_sign", "entropy_loss", "mergeable_keys", "sum_vectors", "task_arithmetic", "task_vector", "ties_merge",
+    "ties_task_vectors", "ties_vector", "trim_top_k", "weight_average",
 ]

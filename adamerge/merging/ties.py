@@ -64,9 +64,9 @@ def ties_task_vectors(vectors: Sequence[Mapping[str, torch.Tensor]], keep: float
     return [unflatten(row, keys, shapes) for row in selected]
 
 
-def ties_merge(pretrained: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, torch.Tensor]],
-               keep: float = 0.2, lam: float = 1.0, merge: str = "mean") -> dict[str, torch.Tensor]:
-    """θ = θ₀ + λ · disjoint_merge(trim(τ₁..τ_K)); ``merge`` is 'mean' (paper) or 'sum'."""
+def ties_vector(vectors: Sequence[Mapping[str, torch.Tensor]], keep: float = 0.2,
+                merge: str = "mean") -> dict[str, torch.Tensor]:
+    """disjoint_merge(trim(τ₁..τ_K)): the merged task vector that λ scales; ``merge`` is 'mean' (paper) or 'sum'."""
     if merge not in MERGE_FUNCTIONS:
         raise ValueError(f"unknown TIES merge function {merge!r}; valid: {', '.join(MERGE_FUNCTIONS)}")
     flat, keys, shapes = flatten(vectors)
@@ -75,4 +75,10 @@ def ties_merge(pretrained: Mapping[str, torch.Tensor], vectors: Sequence[Mapping
     total = (trimmed * mask).sum(0)
     if merge == "mean":
         total = total / mask.sum(0).clamp(min=1)
-    return add_scaled(pretrained, unflatten(total, keys, shapes), lam)
+    return unflatten(total, keys, shapes)
+
+
+def ties_merge(pretrained: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, torch.Tensor]],
+               keep: float = 0.2, lam: float = 1.0, merge: str = "mean") -> dict[str, torch.Tensor]:
+    """θ = θ₀ + λ · ties_vector(τ₁..τ_K)."""
+    return add_scaled(pretrained, ties_vector(vectors, keep, merge), lam)

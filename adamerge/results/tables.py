@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reference = json.loads(args.reference.read_text(encoding="utf-8")) if args.reference else None
         task_order = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
         table = build_table(records, task_order=task_order, row_order=args.rows, reference=reference)
-        _print_table(table)
+        print_table(table)
         if args.out is not None:
             for path in write_tables(table, args.out):
                 print(f"wrote {path}", file=sys.stderr)
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _print_table(table: Table) -> None:
+def print_table(table: Table) -> None:
     """Rich table on a terminal; plain Markdown when piped, so the output can be pasted or diffed."""
     if not sys.stdout.isatty():
         sys.stdout.write(table.to_markdown())

@@ -1,0 +1,57 @@
+"""Learned coefficients as their own small file, so a run's result can be re-used without training.
+
+The file records what the coefficients mean (method, granularity, task order, tensor names); loading
+checks all of it, because a silently broadcast coefficient file merges the wrong model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from adamerge.models.checkpoints import load_state_dict, save_state_dict
+
+
+class CoefficientFileError(ValueError):
+    """A coefficient file that does not belong to this merge (other tasks, tensors or shape)."""
+
+
+def save_coefficients(path: str | Path, lam: torch.Tensor, *, granularity: str, tasks: list[str],
+                      layers: list[str], method: str, step: int | None = None) -> Path:
+    """Store λ as [K, L] (task-wise too, expanded) with its meaning in the safetensors metadata."""
+    meta = {"granularity": granularity, "tasks": json.dumps(list(tasks)), "layers": json.dumps(list(layers)),
+            "method": method, "step": json.dumps(step)}
+    return save_state_dict(path, {"coefficients": lam.detach().float().cpu()}, metadata=meta)
+
+
+def read_metadata(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {"granularity": meta.get("granularity"), "method": meta.get("method"),
+            "tasks": json.loads(meta.get("tasks", "[]")), "layers": json.loads(meta.get("layers", "[]")),
+            "step": json.loads(meta.get("step", "null"))}
+
+
+def load_coefficients(path: str | Path, *, tasks: list[str], layers: list[str]) -> torch.Tensor:
+    """λ [K, L] for exactly these tasks and tensors, or a :class:`CoefficientFileError` saying what differs."""
+    state = load_state_dict(path)
+    if "coefficients" not in state:
+        raise CoefficientFileError(f"{path} holds no 'coefficients' tensor (keys: {sorted(state)})")
+    lam, meta = state["coefficients"], read_metadata(path)
+    problems = []
+    if meta["tasks"] != list(tasks):
+        problems.append(f"it was learned for tasks {meta['tasks']}, this run merges {list(tasks)}")
+    if meta["layers"] != list(layers):
+        missing = sorted(set(layers) - set(meta["layers"]))[:5]
+        extra = sorted(set(meta["layers"]) - set(layers))[:5]
+        problems.append(f"its {len(meta['layers'])} tensors differ from this backbone's {len(layers)} "
+                        f"(missing e.g. {missing}, unexpected e.g. {extra})")
+    if tuple(lam.shape) != (len(tasks), len(layers)):
+        problems.append(f"shape {tuple(lam.shape)} ≠ ({len(tasks)} tasks, {len(layers)} tensors)")
+    if problems:
+        raise CoefficientFileError(f"coefficient file {path} does not fit this merge: " + "; ".join(problems))
+    return lam

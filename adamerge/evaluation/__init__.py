@@ -1,0 +1,1 @@
+"""Labelled evaluation of merged vision towers under frozen zero-shot heads."""

@@ -1,0 +1,113 @@
+"""One run: compose backbone, tasks, pool and method from the config, merge, evaluate, record.
+
+Kept free of ``@hydra.main`` so tests and notebooks can call :func:`run` on a composed config.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from adamerge.methods.base import MergeContext
+from adamerge.models.head_cache import cached_heads
+from adamerge.models.pool import CheckpointPool
+from adamerge.results import append_record, check_writable, make_record
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def make_trainer_factory(cfg: DictConfig):
+    def make_trainer() -> L.Trainer:
+        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+        return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    return make_trainer
+
+
+@rank_zero_only
+def print_config(cfg: DictConfig) -> None:
+    from rich import print as rprint
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    for key in ("name", "seed", "model", "tasks", "pool", "method", "optimizer", "trainer", "logger", "paths"):
+        if key in cfg:
+            value = cfg[key]
+            text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+            tree.add(f"[bold]{key}[/bold]").add(text.rstrip())
+    rprint(tree)
+
+
+@rank_zero_only
+def print_row(label: str, accuracy: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=label)
+    for name in [*accuracy, "Avg"]:
+        table.add_column(name, justify="right")
+    values = [*accuracy.values(), sum(accuracy.values()) / len(accuracy)]
+    table.add_row(*(f"{100 * v:.1f}" for v in values))
+    Console().print(table)
+
+
+def run(cfg: DictConfig) -> float:
+    """Run the configured method; return the mean test accuracy (the metric sweepers optimise)."""
+    started = time.time()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    records_dir = check_writable(Path(cfg.paths.results_dir) / "raw")  # fail before any expensive work
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("print_config", True):
+        print_config(cfg)
+
+    method = instantiate(cfg.method)  # invalid method options fail here, before loading anything
+    backbone = instantiate(cfg.model)
+    tasks = instantiate(cfg.tasks)
+    pool = instantiate(cfg.pool)
+    if isinstance(pool, dict):
+        pool = CheckpointPool(**pool)
+    names = [t.name for t in tasks]
+    theta0, finetuned = pool.load(names, backbone.visual)
+    heads = cached_heads(backbone, tasks, cfg.paths.get("cache_dir"))
+    loaded = time.time()
+
+    ctx = MergeContext(backbone=backbone, tasks=tasks, pretrained=theta0, finetuned=finetuned, heads=heads,
+                       run_dir=run_dir, seed=cfg.seed, device=resolve_device(cfg.get("device", "auto")),
+                       eval_batch_size=cfg.get("eval_batch_size", 256), make_trainer=make_trainer_factory(cfg),
+                       ckpt_path=cfg.get("ckpt_path"))
+    result = method.run(ctx)
+    merged = time.time()
+    if result.per_task is not None:
+        accuracy = ctx.evaluate(result.per_task, per_task=True)
+    else:
+        accuracy = ctx.evaluate(result.params)
+    avg = sum(accuracy.values()) / len(accuracy)
+
+    if rank_zero_only.rank == 0:
+        extra = dict(result.extra)
+        extra["seconds"] = {"load": round(loaded - started, 2), "method": round(merged - loaded, 2),
+                            "evaluate": round(time.time() - merged, 2)}
+        extra["run_dir"] = str(run_dir)
+        record = make_record(experiment=cfg.name, method=cfg.method_name, label=method.label,
+                             model=str(cfg.model_name), seed=cfg.seed, accuracy=accuracy, tasks=names, extra=extra,
+                             config=OmegaConf.to_container(cfg, resolve=True))
+        append_record(records_dir / f"{cfg.name}.jsonl", record)
+        print_row(method.label, accuracy)
+        log.info("%s: avg %.1f  (%s)", method.label, 100 * avg, extra["seconds"])
+    return avg

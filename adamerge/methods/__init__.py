@@ -1,0 +1,13 @@
+"""Merge methods as the config tree names them (``conf/method/*.yaml`` → these classes).
+
+Each method turns a :class:`MergeContext` (backbone, tasks, θ₀, θₖ, heads) into a
+:class:`MergeResult`; the math itself lives in :mod:`adamerge.merging`.
+"""
+
+from adamerge.methods.adamerging import AdaMerging
+from adamerge.methods.base import MergeContext, MergeResult
+from adamerge.methods.baselines import Individual, Pretrained, WeightAveraging
+from adamerge.methods.scaled import TaskArithmetic, Ties
+
+__all__ = ["AdaMerging", "Individual", "MergeContext", "MergeResult", "Pretrained", "TaskArithmetic", "Ties",
+           "WeightAveraging"]

@@ -1,0 +1,65 @@
+"""AdaMerging (Yang et al., ICLR 2024): learn λ by entropy minimisation on unlabelled test data.
+
+Task-wise: θ = θ₀ + Σₖ λₖ τₖ. Layer-wise: θˡ = θ₀ˡ + Σₖ λₖˡ τₖˡ for every tensor l. "++": the same on
+TIES-trimmed, sign-agreeing task vectors kept separate per task.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from adamerge.adaptation.coefficient_file import load_coefficients, save_coefficients
+from adamerge.adaptation.datamodule import UnlabelledTasksDataModule
+from adamerge.adaptation.module import AdaMergingModule
+from adamerge.merging import MergeCoefficients, StackedTaskVectors
+from adamerge.methods.base import MergeContext, MergeResult, Method
+
+_LABELS = {("task", False): "Task-wise AdaMerging", ("layer", False): "Layer-wise AdaMerging",
+           ("task", True): "Task-wise AdaMerging++", ("layer", True): "Layer-wise AdaMerging++"}
+
+
+class AdaMerging(Method):
+    name = "adamerging"
+
+    def __init__(self, optimizer: Callable, granularity: str = "layer", init: float = 0.3,
+                 clamp: tuple[float, float] | None = (0.0, 1.0), ties_keep: float | None = None,
+                 batch_size: int = 16, batches_per_task: int = 1, forward_mode: str = "concat",
+                 num_workers: int = 0, coefficients: str | None = None, label: str | None = None):
+        self.optimizer, self.granularity, self.init = optimizer, granularity, float(init)
+        self.clamp = tuple(clamp) if clamp is not None else None
+        self.ties_keep = float(ties_keep) if ties_keep is not None else None
+        self.batch_size, self.batches_per_task, self.forward_mode = batch_size, batches_per_task, forward_mode
+        self.num_workers, self.coefficients_file = num_workers, coefficients
+        self.label = label or _LABELS[(granularity, self.ties_keep is not None)]
+        MergeCoefficients(1, 1, granularity)  # validates the granularity before any expensive work
+
+    def run(self, ctx: MergeContext) -> MergeResult:
+        names = ctx.task_names
+        stacked = StackedTaskVectors.from_state_dicts(ctx.pretrained, [ctx.finetuned[n] for n in names], names,
+                                                      ties_keep=self.ties_keep)
+        if self.coefficients_file:  # evaluate learned coefficients without training
+            lam = load_coefficients(self.coefficients_file, tasks=names, layers=stacked.keys)
+            return MergeResult(params=stacked.merge(lam), extra={"coefficients_loaded_from": str(self.coefficients_file)})
+        if ctx.make_trainer is None:
+            raise ValueError("AdaMerging trains its coefficients and needs a trainer config (trainer=...)")
+        module = AdaMergingModule(ctx.backbone.visual, stacked, ctx.heads, self.optimizer, self.granularity,
+                                  self.init, self.clamp, self.forward_mode,
+                                  last_good_path=ctx.run_dir / "coefficients.last_good.safetensors", method=self.label)
+        data = UnlabelledTasksDataModule(ctx.tasks, self.batch_size, self.batches_per_task, "test",
+                                         self.num_workers, ctx.seed)
+        trainer = ctx.make_trainer()
+        trainer.fit(module, datamodule=data, ckpt_path=ctx.ckpt_path)
+        module.cpu()
+        with torch.no_grad():
+            lam = module.coefficients().detach().clone()
+        path = save_coefficients(ctx.run_dir / "coefficients.safetensors", lam, granularity=self.granularity,
+                                 tasks=names, layers=stacked.keys, method=self.label, step=trainer.global_step)
+        extra = {"coefficients_file": str(path), "steps": trainer.global_step,
+                 "coefficients_at_clamp": module.coefficients.at_bounds(),
+                 "coefficients_total": module.coefficients.raw.numel(),
+                 "lambda_mean_per_task": dict(zip(names, lam.mean(1).tolist()))}
+        with torch.no_grad():
+            params = stacked.merge(lam)
+        return MergeResult(params=params, extra=extra)

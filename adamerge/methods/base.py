@@ -1,0 +1,62 @@
+"""What every merge method receives and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from adamerge.data.task import Task
+from adamerge.evaluation.accuracy import accuracies
+from adamerge.merging import task_vector
+from adamerge.models.backbone import Backbone
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class MergeContext:
+    backbone: Backbone
+    tasks: list[Task]
+    pretrained: StateDict                 # θ₀ of the vision tower
+    finetuned: dict[str, StateDict]       # θₖ per task name
+    heads: dict[str, torch.Tensor]        # frozen zero-shot heads per task name
+    run_dir: Path
+    seed: int = 0
+    device: str = "cpu"
+    eval_batch_size: int = 256
+    make_trainer: Callable | None = None  # () -> lightning.Trainer, for methods that train
+    ckpt_path: str | None = None          # resume a training method from this Lightning checkpoint
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @cached_property
+    def vectors(self) -> list[StateDict]:
+        return [task_vector(self.finetuned[n], self.pretrained, source=f"fine-tuned checkpoint of {n!r}")
+                for n in self.task_names]
+
+    def evaluate(self, params: StateDict | Mapping[str, StateDict], split: str = "test", per_task: bool = False) -> dict[str, float]:
+        by_task = params if per_task else {n: params for n in self.task_names}
+        return accuracies(self.backbone.visual, by_task, self.heads, self.tasks, split, self.eval_batch_size, self.device)
+
+
+@dataclass
+class MergeResult:
+    """Either one merged tower (``params``) or one tower per task (``per_task``, e.g. Individual)."""
+
+    params: StateDict | None = None
+    per_task: dict[str, StateDict] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Method:
+    name = "method"
+    label = "Method"
+
+    def run(self, ctx: MergeContext) -> MergeResult:  # pragma: no cover - interface
+        raise NotImplementedError

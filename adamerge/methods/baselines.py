@@ -1,0 +1,42 @@
+"""Rows of the paper's table that need no coefficient: zero-shot, individual models, weight averaging."""
+
+from __future__ import annotations
+
+from adamerge.merging import weight_average
+from adamerge.methods.base import MergeContext, MergeResult, Method
+
+
+class Pretrained(Method):
+    """θ₀ with each task's zero-shot head: the floor every merge should beat."""
+
+    name = "pretrained"
+
+    def __init__(self, label: str = "Pretrained"):
+        self.label = label
+
+    def run(self, ctx: MergeContext) -> MergeResult:
+        return MergeResult(params=dict(ctx.pretrained))
+
+
+class Individual(Method):
+    """Each task evaluated with its own fine-tuned model: the ceiling (K models, not one)."""
+
+    name = "individual"
+
+    def __init__(self, label: str = "Individual"):
+        self.label = label
+
+    def run(self, ctx: MergeContext) -> MergeResult:
+        return MergeResult(per_task={n: ctx.finetuned[n] for n in ctx.task_names})
+
+
+class WeightAveraging(Method):
+    """θ = (1/K) Σₖ θₖ."""
+
+    name = "weight_averaging"
+
+    def __init__(self, label: str = "Weight Averaging"):
+        self.label = label
+
+    def run(self, ctx: MergeContext) -> MergeResult:
+        return MergeResult(params=weight_average([ctx.finetuned[n] for n in ctx.task_names]))

@@ -1,0 +1,60 @@
+"""Methods with one global scaling λ of one merged direction: task arithmetic and TIES.
+
+λ is fixed, or chosen on the validation split from a grid (the protocol of both papers); the
+direction is computed once and only rescaled per λ.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from adamerge.merging import add_scaled, sum_vectors, ties_vector
+from adamerge.methods.base import MergeContext, MergeResult, Method, StateDict
+
+
+class _Scaled(Method):
+    def __init__(self, lam: float, lam_grid: Sequence[float] | None):
+        self.lam, self.lam_grid = float(lam), [float(x) for x in lam_grid] if lam_grid else None
+
+    def direction(self, ctx: MergeContext) -> StateDict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run(self, ctx: MergeContext) -> MergeResult:
+        direction = self.direction(ctx)
+        if self.lam_grid is None:
+            return MergeResult(params=add_scaled(ctx.pretrained, direction, self.lam), extra={"lambda": self.lam})
+        curve = {}
+        for lam in self.lam_grid:
+            acc = ctx.evaluate(add_scaled(ctx.pretrained, direction, lam), split="val")
+            curve[lam] = sum(acc.values()) / len(acc)
+        best = max(curve, key=curve.get)
+        return MergeResult(params=add_scaled(ctx.pretrained, direction, best),
+                           extra={"lambda": best, "val_avg_by_lambda": curve})
+
+
+class TaskArithmetic(_Scaled):
+    """θ = θ₀ + λ Σₖ τₖ."""
+
+    name = "task_arithmetic"
+
+    def __init__(self, lam: float = 0.3, lam_grid: Sequence[float] | None = None, label: str | None = None):
+        super().__init__(lam, lam_grid)
+        self.label = label or ("Task Arithmetic (λ tuned on val)" if self.lam_grid else f"Task Arithmetic (λ={self.lam:g})")
+
+    def direction(self, ctx: MergeContext) -> StateDict:
+        return sum_vectors(ctx.vectors)
+
+
+class Ties(_Scaled):
+    """θ = θ₀ + λ · disjoint_merge(trim_k(τ₁..τ_K))."""
+
+    name = "ties"
+
+    def __init__(self, keep: float = 0.2, merge: str = "mean", lam: float = 1.0,
+                 lam_grid: Sequence[float] | None = None, label: str | None = None):
+        super().__init__(lam, lam_grid)
+        self.keep, self.merge_function = float(keep), merge
+        self.label = label or "TIES-Merging"
+
+    def direction(self, ctx: MergeContext) -> StateDict:
+        return ties_vector(ctx.vectors, keep=self.keep, merge=self.merge_function)

@@ -1,0 +1,36 @@
+"""After a multirun, print and write the experiment's table: what a sweep is for."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class ResultsTable(Callback):
+    """On multirun end: records of experiment ``name`` → ``<results_dir>/tables/<name>.md|.csv``.
+
+    The newest record per (row, seed) wins, so re-running one method replaces its row; rows appear
+    in the order the sweep ran them.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from adamerge.results.records import keep_latest, read_records
+        from adamerge.results.tables import build_table, print_table, write_tables
+
+        records_file = Path(config.paths.results_dir) / "raw" / f"{config.name}.jsonl"
+        if not records_file.exists():
+            log.warning("no run records in %s: no table written", records_file)
+            return
+        records = [r for r in read_records(records_file) if r["experiment"] == config.name]
+        sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
+        this_sweep = [r for r in records if str(Path(r["extra"].get("run_dir", "/")).resolve()).startswith(sweep_dir)]
+        order = list(dict.fromkeys(r["label"] for r in this_sweep))
+        table = build_table(keep_latest(records), row_order=order or None)
+        print_table(table)
+        for path in write_tables(table, Path(config.paths.results_dir) / "tables" / config.name):
+            log.info("wrote %s", path)
