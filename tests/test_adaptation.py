@@ -1,0 +1,161 @@
+"""The Lightning shell: coefficients are the only state, files round-trip, NaN stops with the step."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from adamerge.adaptation.coefficient_file import CoefficientFileError, load_coefficients, save_coefficients
+from adamerge.adaptation.module import AdaMergingModule, NonFiniteLossError
+from adamerge.data.task import Task, TensorImages
+from adamerge.merging import StackedTaskVectors
+from adamerge.methods import AdaMerging, MergeContext, TaskArithmetic
+from adamerge.models.checkpoints import load_state_dict
+
+
+def make_tasks(n_tasks=3, n=24, classes=4):
+    gen = torch.Generator().manual_seed(5)
+    tasks = []
+    for i in range(n_tasks):
+        splits = {s: TensorImages(torch.randn(n, 3, 16, 16, generator=gen), torch.randint(0, classes, (n,), generator=gen))
+                  for s in ("train", "val", "test")}
+        tasks.append(Task(f"t{i}", [f"c{j}" for j in range(classes)], ["a {}"], splits))
+    return tasks
+
+
+@pytest.fixture()
+def ctx(tiny_backbone, tiny_models, tmp_path):
+    theta0, ft = tiny_models
+    tasks = make_tasks()
+    heads = {t.name: torch.randn(4, 32, generator=torch.Generator().manual_seed(i)) * 5 for i, t in enumerate(tasks)}
+
+    def make_trainer(max_steps=4, **kw):
+        return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, **kw)
+
+    return MergeContext(backbone=tiny_backbone, tasks=tasks, pretrained=theta0,
+                        finetuned={t.name: f for t, f in zip(tasks, ft)}, heads=heads, run_dir=tmp_path,
+                        make_trainer=make_trainer)
+
+
+def adam(lr=1e-2):
+    return lambda params: torch.optim.Adam(params, lr=lr)
+
+
+def test_adamerging_trains_saves_and_reloads_coefficients(ctx):
+    method = AdaMerging(adam(), granularity="layer", batch_size=8)
+    result = method.run(ctx)
+    path = ctx.run_dir / "coefficients.safetensors"
+    lam = load_state_dict(path)["coefficients"]
+    assert lam.shape == (3, len(ctx.pretrained)) and not torch.allclose(lam, torch.full_like(lam, 0.3))
+    assert result.extra["steps"] == 4
+    reloaded = AdaMerging(adam(), granularity="layer", coefficients=str(path)).run(ctx)
+    for key, value in result.params.items():
+        torch.testing.assert_close(reloaded.params[key], value)
+
+
+def test_adamerging_at_initial_value_without_steps_equals_task_arithmetic(ctx):
+    ctx.make_trainer = lambda: L.Trainer(max_steps=0, accelerator="cpu", logger=False, enable_progress_bar=False)
+    result = AdaMerging(adam(), granularity="task", init=0.3).run(ctx)
+    ta = TaskArithmetic(lam=0.3).run(ctx)
+    for key, value in ta.params.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(result.params[key], value, atol=1e-6, rtol=0)
+
+
+def test_lightning_checkpoint_holds_only_coefficients_and_optimizer(ctx):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt_dir = ctx.run_dir / "ckpt"
+    ctx.make_trainer = lambda: L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                                         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                                                    every_n_train_steps=1)])
+    AdaMerging(adam(), granularity="layer", batch_size=8).run(ctx)
+    ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
+    assert list(ckpt["state_dict"]) == ["coefficients.raw"]
+    assert ckpt["optimizer_states"] and ckpt["global_step"] == 3
+
+
+def test_resume_reaches_the_same_coefficients(ctx):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def trainer(steps, ckpt_dir):
+        return lambda: L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                                 callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                                            every_n_train_steps=1)])
+
+    L.seed_everything(0)
+    ctx.make_trainer = trainer(6, ctx.run_dir / "full")
+    full = AdaMerging(adam(), granularity="layer", batch_size=8).run(ctx)
+    L.seed_everything(0)
+    ctx.make_trainer = trainer(3, ctx.run_dir / "part")
+    AdaMerging(adam(), granularity="layer", batch_size=8).run(ctx)
+    ctx.make_trainer = trainer(6, ctx.run_dir / "part")
+    ctx.ckpt_path = str(ctx.run_dir / "part" / "last.ckpt")
+    resumed = AdaMerging(adam(), granularity="layer", batch_size=8).run(ctx)
+    for key, value in full.params.items():
+        torch.testing.assert_close(resumed.params[key], value, atol=1e-6, rtol=0)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_coefficients(ctx, monkeypatch):
+    import adamerge.adaptation.module as module_mod
+
+    calls = {"n": 0}
+    real = module_mod.entropy_loss
+
+    def poisoned(logits):
+        calls["n"] += 1
+        return real(logits) * (math.nan if calls["n"] > 6 else 1.0)  # 3 tasks/step: step 2 goes NaN
+
+    monkeypatch.setattr(module_mod, "entropy_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="step 2") as err:
+        AdaMerging(adam(), granularity="layer", batch_size=8).run(ctx)
+    saved = ctx.run_dir / "coefficients.last_good.safetensors"
+    assert str(saved) in str(err.value)
+    lam = load_state_dict(saved)["coefficients"]
+    assert torch.isfinite(lam).all() and lam.shape == (3, len(ctx.pretrained))
+    assert not torch.allclose(lam, torch.full_like(lam, 0.3))  # two good steps were taken
+
+
+def test_coefficient_file_for_other_tasks_or_shape_is_refused(tmp_path):
+    path = save_coefficients(tmp_path / "c.safetensors", torch.rand(2, 3), granularity="layer",
+                             tasks=["a", "b"], layers=["w1", "w2", "w3"], method="x")
+    torch.testing.assert_close(load_coefficients(path, tasks=["a", "b"], layers=["w1", "w2", "w3"]).shape,
+                               torch.Size([2, 3]))
+    with pytest.raises(CoefficientFileError, match=r"learned for tasks \['a', 'b'\]"):
+        load_coefficients(path, tasks=["a", "c"], layers=["w1", "w2", "w3"])
+    with pytest.raises(CoefficientFileError, match="tensors differ"):
+        load_coefficients(path, tasks=["a", "b"], layers=["w1", "w2"])
+
+
+def test_per_task_and_concat_forward_give_equal_gradients(ctx):
+    names = ctx.task_names
+    stacked = StackedTaskVectors.from_state_dicts(ctx.pretrained, [ctx.finetuned[n] for n in names], names)
+    batch = {t.name: (t.split("test").images[:8], t.split("test").labels[:8]) for t in ctx.tasks}
+    grads = []
+    for mode in ("concat", "per_task"):
+        module = AdaMergingModule(ctx.backbone.visual, stacked, ctx.heads, adam(), forward_mode=mode)
+        module.log = lambda *a, **k: None
+        module.log_dict = lambda *a, **k: None
+        module._guard = lambda loss: None
+        module.training_step(batch, 0).backward()
+        grads.append(module.coefficients.raw.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_step_indexed_batches_cover_each_epoch_and_split_over_ranks():
+    from adamerge.adaptation.batches import StepIndexedBatches
+
+    data = TensorImages(torch.arange(10).float().view(10, 1, 1, 1), torch.arange(10))
+    single = StepIndexedBatches(data, global_batch=4, seed=3)
+    seen = torch.cat([single.batch(s)[1] for s in range(5)])  # 20 samples = 2 epochs
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    ranks = [StepIndexedBatches(data, global_batch=4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for step in range(5):
+        joined = torch.cat([r.batch(step)[1] for r in ranks])
+        assert torch.equal(joined, single.batch(step)[1])
+    resumed = iter(StepIndexedBatches(data, global_batch=4, seed=3, start_step=3))
+    assert torch.equal(next(resumed)[1], single.batch(3)[1])
+    with pytest.raises(ValueError, match="split evenly over 3 devices"):
+        StepIndexedBatches(data, global_batch=4, seed=0, world_size=3)
