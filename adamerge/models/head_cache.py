@@ -25,8 +25,7 @@ def text_side_digest(backbone: Backbone) -> str:
         if key.startswith("visual."):
             continue
         h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-                 if value.numel() else b"")
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
