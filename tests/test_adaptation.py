@@ -159,3 +159,12 @@ def test_step_indexed_batches_cover_each_epoch_and_split_over_ranks():
     assert torch.equal(next(resumed)[1], single.batch(3)[1])
     with pytest.raises(ValueError, match="split evenly over 3 devices"):
         StepIndexedBatches(data, global_batch=4, seed=0, world_size=3)
+
+
+def test_coefficients_of_another_variant_are_refused(ctx):
+    AdaMerging(adam(), granularity="task", batch_size=8).run(ctx)
+    path = str(ctx.run_dir / "coefficients.safetensors")
+    with pytest.raises(CoefficientFileError, match="task-wise coefficients"):
+        AdaMerging(adam(), granularity="layer", coefficients=path).run(ctx)
+    with pytest.raises(CoefficientFileError, match="plain task vectors, this run uses TIES-trimmed"):
+        AdaMerging(adam(), granularity="task", ties_keep=0.2, coefficients=path).run(ctx)

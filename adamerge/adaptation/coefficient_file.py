@@ -19,10 +19,10 @@ class CoefficientFileError(ValueError):
 
 
 def save_coefficients(path: str | Path, lam: torch.Tensor, *, granularity: str, tasks: list[str],
-                      layers: list[str], method: str, step: int | None = None) -> Path:
+                      layers: list[str], method: str, ties_keep: float | None = None, step: int | None = None) -> Path:
     """Store λ as [K, L] (task-wise too, expanded) with its meaning in the safetensors metadata."""
     meta = {"granularity": granularity, "tasks": json.dumps(list(tasks)), "layers": json.dumps(list(layers)),
-            "method": method, "step": json.dumps(step)}
+            "method": method, "ties_keep": json.dumps(ties_keep), "step": json.dumps(step)}
     return save_state_dict(path, {"coefficients": lam.detach().float().cpu()}, metadata=meta)
 
 
@@ -33,11 +33,16 @@ def read_metadata(path: str | Path) -> dict:
         meta = f.metadata() or {}
     return {"granularity": meta.get("granularity"), "method": meta.get("method"),
             "tasks": json.loads(meta.get("tasks", "[]")), "layers": json.loads(meta.get("layers", "[]")),
-            "step": json.loads(meta.get("step", "null"))}
+            "ties_keep": json.loads(meta.get("ties_keep", "null")), "step": json.loads(meta.get("step", "null"))}
 
 
-def load_coefficients(path: str | Path, *, tasks: list[str], layers: list[str]) -> torch.Tensor:
-    """λ [K, L] for exactly these tasks and tensors, or a :class:`CoefficientFileError` saying what differs."""
+def load_coefficients(path: str | Path, *, tasks: list[str], layers: list[str], granularity: str | None = None,
+                      ties_keep: float | None = None) -> torch.Tensor:
+    """λ [K, L] for exactly this merge, or a :class:`CoefficientFileError` saying what differs.
+
+    ``granularity`` and ``ties_keep`` (when given) must match too: λ learned on TIES-trimmed vectors
+    (AdaMerging++) means something else on plain task vectors.
+    """
     state = load_state_dict(path)
     if "coefficients" not in state:
         raise CoefficientFileError(f"{path} holds no 'coefficients' tensor (keys: {sorted(state)})")
@@ -50,6 +55,11 @@ def load_coefficients(path: str | Path, *, tasks: list[str], layers: list[str]) 
         extra = sorted(set(meta["layers"]) - set(layers))[:5]
         problems.append(f"its {len(meta['layers'])} tensors differ from this backbone's {len(layers)} "
                         f"(missing e.g. {missing}, unexpected e.g. {extra})")
+    if granularity is not None and meta["granularity"] != granularity:
+        problems.append(f"it holds {meta['granularity']}-wise coefficients ({meta['method']}), this run is {granularity}-wise")
+    if granularity is not None and meta["ties_keep"] != ties_keep:
+        problems.append(f"it was learned on {'TIES-trimmed (keep=%s)' % meta['ties_keep'] if meta['ties_keep'] else 'plain'} "
+                        f"task vectors, this run uses {'TIES-trimmed (keep=%s)' % ties_keep if ties_keep else 'plain'} ones")
     if tuple(lam.shape) != (len(tasks), len(layers)):
         problems.append(f"shape {tuple(lam.shape)} ≠ ({len(tasks)} tasks, {len(layers)} tensors)")
     if problems:

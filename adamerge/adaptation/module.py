@@ -32,7 +32,8 @@ class AdaMergingModule(L.LightningModule):
     def __init__(self, visual: torch.nn.Module, stacked: StackedTaskVectors, heads: Mapping[str, torch.Tensor],
                  optimizer: Callable, granularity: str = "layer", init: float = 0.3,
                  clamp: tuple[float, float] | None = (0.0, 1.0), forward_mode: str = "concat",
-                 last_good_path: str | Path | None = None, method: str = "adamerging"):
+                 last_good_path: str | Path | None = None, method: str = "adamerging",
+                 ties_keep: float | None = None):
         super().__init__()
         if forward_mode not in FORWARD_MODES:
             raise ValueError(f"unknown forward_mode {forward_mode!r}; valid: {', '.join(FORWARD_MODES)}")
@@ -47,6 +48,7 @@ class AdaMergingModule(L.LightningModule):
         self.coefficients = MergeCoefficients(stacked.num_tasks, stacked.num_layers, granularity, init, clamp)
         self.optimizer_factory, self.forward_mode, self.method = optimizer, forward_mode, method
         self.last_good_path = Path(last_good_path) if last_good_path else None
+        self.ties_keep = ties_keep
         self._last_good = self.coefficients.raw.detach().clone()
 
     def head(self, i: int) -> torch.Tensor:
@@ -95,7 +97,8 @@ class AdaMergingModule(L.LightningModule):
             with torch.no_grad():
                 lam.raw.copy_(self._last_good)
             save_coefficients(self.last_good_path, lam(), granularity=self.coefficients.granularity,
-                              tasks=self.task_names, layers=self.stacked.keys, method=self.method, step=step)
+                              tasks=self.task_names, layers=self.stacked.keys, method=self.method,
+                              ties_keep=self.ties_keep, step=step)
             where = f"; the last finite coefficients are in {self.last_good_path}"
         value = float(loss) if loss.numel() == 1 else math.nan
         raise NonFiniteLossError(f"non-finite {'loss' if not math.isfinite(value) else 'coefficients'} "

@@ -40,13 +40,15 @@ class AdaMerging(Method):
         stacked = StackedTaskVectors.from_state_dicts(ctx.pretrained, [ctx.finetuned[n] for n in names], names,
                                                       ties_keep=self.ties_keep)
         if self.coefficients_file:  # evaluate learned coefficients without training
-            lam = load_coefficients(self.coefficients_file, tasks=names, layers=stacked.keys)
+            lam = load_coefficients(self.coefficients_file, tasks=names, layers=stacked.keys,
+                                    granularity=self.granularity, ties_keep=self.ties_keep)
             return MergeResult(params=stacked.merge(lam), extra={"coefficients_loaded_from": str(self.coefficients_file)})
         if ctx.make_trainer is None:
             raise ValueError("AdaMerging trains its coefficients and needs a trainer config (trainer=...)")
         module = AdaMergingModule(ctx.backbone.visual, stacked, ctx.heads, self.optimizer, self.granularity,
                                   self.init, self.clamp, self.forward_mode,
-                                  last_good_path=ctx.run_dir / "coefficients.last_good.safetensors", method=self.label)
+                                  last_good_path=ctx.run_dir / "coefficients.last_good.safetensors", method=self.label,
+                                  ties_keep=self.ties_keep)
         data = UnlabelledTasksDataModule(ctx.tasks, self.batch_size, self.batches_per_task, "test", ctx.seed)
         trainer = ctx.make_trainer()
         trainer.fit(module, datamodule=data, ckpt_path=ctx.ckpt_path)
@@ -54,7 +56,8 @@ class AdaMerging(Method):
         with torch.no_grad():
             lam = module.coefficients().detach().clone()
         path = save_coefficients(ctx.run_dir / "coefficients.safetensors", lam, granularity=self.granularity,
-                                 tasks=names, layers=stacked.keys, method=self.label, step=trainer.global_step)
+                                 tasks=names, layers=stacked.keys, method=self.label, ties_keep=self.ties_keep,
+                                 step=trainer.global_step)
         extra = {"coefficients_file": str(path), "steps": trainer.global_step,
                  "coefficients_at_clamp": module.coefficients.at_bounds(),
                  "coefficients_total": module.coefficients.raw.numel(),
