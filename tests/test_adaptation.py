@@ -43,8 +43,9 @@ def adam(lr=1e-2):
     return lambda params: torch.optim.Adam(params, lr=lr)
 
 
-def test_adamerging_trains_saves_and_reloads_coefficients(ctx):
-    method = AdaMerging(adam(), granularity="layer", batch_size=8)
+@pytest.mark.parametrize("forward_mode", ["concat", "per_task"])
+def test_adamerging_trains_saves_and_reloads_coefficients(ctx, forward_mode):
+    method = AdaMerging(adam(), granularity="layer", batch_size=8, forward_mode=forward_mode)
     result = method.run(ctx)
     path = ctx.run_dir / "coefficients.safetensors"
     lam = load_state_dict(path)["coefficients"]
@@ -133,14 +134,15 @@ def test_per_task_and_concat_forward_give_equal_gradients(ctx):
     names = ctx.task_names
     stacked = StackedTaskVectors.from_state_dicts(ctx.pretrained, [ctx.finetuned[n] for n in names], names)
     batch = {t.name: (t.split("test").images[:8], t.split("test").labels[:8]) for t in ctx.tasks}
-    grads = []
+    grads, losses = [], []
     for mode in ("concat", "per_task"):
         module = AdaMergingModule(ctx.backbone.visual, stacked, ctx.heads, adam(), forward_mode=mode)
         module.log = lambda *a, **k: None
-        module.log_dict = lambda *a, **k: None
-        module._guard = lambda loss: None
-        module.training_step(batch, 0).backward()
+        module.manual_backward = lambda loss, *a, **k: loss.backward(*a, **k)
+        losses.append(module.backward_entropy(batch))
         grads.append(module.coefficients.raw.grad.clone())
+    assert (grads[0] != 0).all()
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
@@ -168,3 +170,15 @@ def test_coefficients_of_another_variant_are_refused(ctx):
         AdaMerging(adam(), granularity="layer", coefficients=path).run(ctx)
     with pytest.raises(CoefficientFileError, match="plain task vectors, this run uses TIES-trimmed"):
         AdaMerging(adam(), granularity="task", ties_keep=0.2, coefficients=path).run(ctx)
+
+
+def test_out_of_memory_suggests_what_bounds_memory(ctx, monkeypatch):
+    from adamerge.methods.adamerging import AdaptationOutOfMemory
+
+    def oom(self, batch, batch_idx):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(AdaMergingModule, "training_step", oom)
+    with pytest.raises(AdaptationOutOfMemory, match="forward_mode=per_task") as err:
+        AdaMerging(adam(), granularity="layer", batch_size=8).run(ctx)
+    assert "method.batch_size" in str(err.value)

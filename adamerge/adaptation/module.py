@@ -50,6 +50,8 @@ class AdaMergingModule(L.LightningModule):
         self.last_good_path = Path(last_good_path) if last_good_path else None
         self.ties_keep = ties_keep
         self._last_good = self.coefficients.raw.detach().clone()
+        # Manual optimisation: per_task mode needs several backward passes per step (see backward_entropy).
+        self.automatic_optimization = False
 
     def head(self, i: int) -> torch.Tensor:
         return getattr(self, f"head_{i}")
@@ -57,26 +59,49 @@ class AdaMergingModule(L.LightningModule):
     def merged_params(self) -> dict[str, torch.Tensor]:
         return self.stacked.merge(self.coefficients())
 
-    def task_logits(self, params, batch: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        images = [batch[name][0] for name in self.task_names]
+    def backward_entropy(self, batch: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Σₖ H(task k) for one step, with its gradient accumulated into λ; returns the (detached) loss.
+
+        ``concat``: all tasks' images through the merged encoder in one pass, one backward.
+        ``per_task``: the merged weights become detached leaves; each task runs forward and backward
+        alone (its activations freed before the next task), and one final backward carries the
+        accumulated weight gradients through the merge into λ — peak memory is one task's, and the
+        merge graph is traversed once.
+        """
+        merged = self.merged_params()
+        entropies = {}
         if self.forward_mode == "concat":
-            feats = functional_call(self.visual, params, (torch.cat(images),)).split([len(x) for x in images])
+            images = [batch[name][0] for name in self.task_names]
+            feats = functional_call(self.visual, merged, (torch.cat(images),)).split([len(x) for x in images])
+            total = 0.0
+            for i, (name, f) in enumerate(zip(self.task_names, feats)):
+                out = logits(f, self.head(i))
+                entropies[name] = (entropy_loss(out), out)
+                total = total + entropies[name][0]
+            self.manual_backward(total)
         else:
-            feats = [functional_call(self.visual, params, (x,)) for x in images]
-        return [logits(f, self.head(i)) for i, f in enumerate(feats)]
+            leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}
+            for i, name in enumerate(self.task_names):
+                out = logits(functional_call(self.visual, leaves, (batch[name][0],)), self.head(i))
+                h = entropy_loss(out)
+                self.manual_backward(h)
+                entropies[name] = (h.detach(), out.detach())
+            keys = [k for k in merged if leaves[k].grad is not None]
+            torch.autograd.backward([merged[k] for k in keys], [leaves[k].grad for k in keys])
+        total = torch.stack([h.detach() for h, _ in entropies.values()]).sum()
+        for name, (h, out) in entropies.items():
+            self.log(f"entropy/{name}", h.detach())
+            self.log(f"batch_acc/{name}", (out.argmax(-1) == batch[name][1]).float().mean())
+        return total
 
     def training_step(self, batch, batch_idx):
         if isinstance(batch, tuple):  # CombinedLoader yields (batch, batch_idx, dataloader_idx)
             batch = batch[0]
-        params = self.merged_params()
-        total = 0.0
-        for name, (_, labels), out in zip(self.task_names, (batch[n] for n in self.task_names),
-                                          self.task_logits(params, batch)):
-            h = entropy_loss(out)
-            total = total + h
-            self.log(f"entropy/{name}", h, on_step=True, prog_bar=False)
-            self.log(f"batch_acc/{name}", (out.argmax(-1) == labels).float().mean(), on_step=True)
-        self._guard(total)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        total = self.backward_entropy(batch)
+        self._guard(total)  # before the step: λ is still the last good value
+        optimizer.step()
         lam = self.coefficients().detach()
         self.log("loss", total, prog_bar=True)
         self.log_dict({"lambda/mean": lam.mean(), "lambda/min": lam.min(), "lambda/max": lam.max(),
@@ -84,8 +109,10 @@ class AdaMergingModule(L.LightningModule):
         return total
 
     def _guard(self, loss: torch.Tensor) -> None:
-        """Stop at the first non-finite loss or λ, saving the last coefficients that were finite."""
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(self.coefficients.raw).all())
+        """Stop at the first non-finite loss, λ or gradient, saving the last coefficients that were finite."""
+        grad = self.coefficients.raw.grad
+        finite = (bool(torch.isfinite(loss)) and bool(torch.isfinite(self.coefficients.raw).all())
+                  and (grad is None or bool(torch.isfinite(grad).all())))
         if finite:
             self._last_good = self.coefficients.raw.detach().clone()
             return

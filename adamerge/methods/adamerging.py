@@ -20,6 +20,10 @@ _LABELS = {("task", False): "Task-wise AdaMerging", ("layer", False): "Layer-wis
            ("task", True): "Task-wise AdaMerging++", ("layer", True): "Layer-wise AdaMerging++"}
 
 
+class AdaptationOutOfMemory(RuntimeError):
+    """Out of memory during adaptation, with the settings that bound memory spelled out."""
+
+
 class AdaMerging(Method):
     name = "adamerging"
 
@@ -51,7 +55,14 @@ class AdaMerging(Method):
                                   ties_keep=self.ties_keep)
         data = UnlabelledTasksDataModule(ctx.tasks, self.batch_size, self.batches_per_task, "test", ctx.seed)
         trainer = ctx.make_trainer()
-        trainer.fit(module, datamodule=data, ckpt_path=ctx.ckpt_path)
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=ctx.ckpt_path)
+        except torch.OutOfMemoryError as err:
+            raise AdaptationOutOfMemory(
+                f"out of memory while adapting {len(names)} tasks × {self.batch_size * self.batches_per_task} images "
+                f"(forward_mode={self.forward_mode}). Try method.forward_mode=per_task (one task's activations at a "
+                f"time), a smaller method.batch_size / method.batches_per_task, or trainer=ddp to spread the batch "
+                f"over more devices. Progress so far is in {ctx.run_dir / 'checkpoints'} (resume with ckpt_path=…).") from err
         module.cpu()
         with torch.no_grad():
             lam = module.coefficients().detach().clone()
