@@ -15,6 +15,7 @@ from adamerge.adaptation.datamodule import UnlabelledTasksDataModule
 from adamerge.adaptation.module import AdaMergingModule
 from adamerge.merging import MergeCoefficients, StackedTaskVectors
 from adamerge.methods.base import MergeContext, MergeResult, Method
+from adamerge.plots.coefficients import coefficient_heatmap
 
 _LABELS = {("task", False): "Task-wise AdaMerging", ("layer", False): "Layer-wise AdaMerging",
            ("task", True): "Task-wise AdaMerging++", ("layer", True): "Layer-wise AdaMerging++"}
@@ -69,7 +70,9 @@ class AdaMerging(Method):
         path = save_coefficients(ctx.run_dir / "coefficients.safetensors", lam, granularity=self.granularity,
                                  tasks=names, layers=stacked.keys, method=self.label, ties_keep=self.ties_keep,
                                  step=trainer.global_step)
-        extra = {"coefficients_file": str(path), "steps": trainer.global_step,
+        heatmap = coefficient_heatmap(lam, names, stacked.keys, ctx.run_dir / "coefficients.png", title=self.label,
+                                      clamp=self.clamp)
+        extra = {"coefficients_file": str(path), "coefficients_plot": str(heatmap), "steps": trainer.global_step,
                  "coefficients_at_clamp": module.coefficients.at_bounds(),
                  "coefficients_total": module.coefficients.raw.numel(),
                  "lambda_mean_per_task": dict(zip(names, lam.mean(1).tolist()))}
