@@ -28,3 +28,9 @@ def tiny_models(tiny_backbone):
     theta0 = {k: v.clone() for k, v in tiny_backbone.visual.state_dict().items()}
     finetuned = [{k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in theta0.items()} for _ in range(3)]
     return theta0, finetuned
+
+
+@pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory):
+    """One cache dir for the whole session, so the tiny embedded world is built once."""
+    return tmp_path_factory.mktemp("adamerge-cache")

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from adamerge.models.checkpoints import load_state_dict
-from tests.test_cli import adamerge, records
+from tests.cli_runner import adamerge, records
 
 pytestmark = pytest.mark.slow
 
 
-def test_ddp_on_two_cpu_processes_equals_single_process(tmp_path, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("ddp-cache")
+def test_ddp_on_two_cpu_processes_equals_single_process(tmp_path, embedded_cache):
+    cache = embedded_cache
     common = ["experiment=smoke", "threads=1", "method=adamerging_layerwise", "method.batch_size=8",
               "method.batches_per_task=1", "trainer.max_steps=4", "trainer.accelerator=cpu", "optimizer.lr=1e-2"]
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
