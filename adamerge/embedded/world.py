@@ -1,0 +1,242 @@
+"""Build, cache and load the embedded offline world: a small CLIP, its tasks and fine-tuned models.
+
+Nothing is downloaded: the CLIP is pre-trained here, contrastively, on captioned pictures drawn
+procedurally (and scikit-learn's digits); each task's vision tower is then fine-tuned with the
+task-vectors protocol. A world lives in ``<cache_dir>/<preset>-v<version>-seed<seed>/``; a file
+lock makes concurrent callers wait for one build, and ``manifest.json``, written last, marks a
+world complete (an interrupted build is rebuilt, never half-used).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+from adamerge.data.task import Task, TensorImages
+from adamerge.embedded.captions import CaptionPool, caption_corpus
+from adamerge.embedded.digits import digit_splits
+from adamerge.embedded.presets import WORLD_VERSION, WorldPreset, get_preset
+from adamerge.embedded.pretraining import pretrain_clip
+from adamerge.embedded.tasks import SPLITS, TASK_NAMES, TASK_SPECS, TaskSpec, make_task_splits, task_spec
+from adamerge.finetuning import accuracy, finetune_vision_tower
+from adamerge.models.backbone import Backbone, load_open_clip
+from adamerge.models.checkpoints import save_state_dict
+from adamerge.models.heads import zero_shot_head
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+SANITY_LAMBDAS = (0.1, 0.2, 0.3)  # task arithmetic θ₀ + λ·Στₖ measured at build, as a sanity check
+
+
+def world_dir(cache_dir: str | Path, preset: str = "demo", seed: int = 0) -> Path:
+    return Path(cache_dir).expanduser() / f"{preset}-v{WORLD_VERSION}-seed{seed}"
+
+
+def read_manifest(world: Path) -> dict | None:
+    """The manifest of a complete world of this version, or None."""
+    try:
+        manifest = json.loads((world / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if manifest.get("version") == WORLD_VERSION else None
+
+
+def build_world(cache_dir: str | Path, *, preset: str = "demo", seed: int = 0) -> Path:
+    """Build the world once (idempotent, safe across processes) and return its folder."""
+    config = get_preset(preset)
+    world = world_dir(cache_dir, preset, seed)
+    if read_manifest(world) is not None:
+        return world
+    world.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(world) + ".lock"):
+        if read_manifest(world) is not None:  # another process built it while we waited
+            return world
+        if world.exists():
+            log.info("removing incomplete world %s", world)
+            shutil.rmtree(world)
+        world.mkdir(parents=True)
+        _build(world, config, seed)
+    return world
+
+
+def _normalizer(backbone: Backbone) -> tuple[list[float], list[float]]:
+    """The mean / std of the backbone's own preprocess (open_clip's OpenAI values by default)."""
+    cfg = getattr(backbone.visual, "preprocess_cfg", {}) or {}
+    return list(cfg.get("mean", OPENAI_DATASET_MEAN)), list(cfg.get("std", OPENAI_DATASET_STD))
+
+
+def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 ``[n, 3, S, S]`` -> float in the backbone's input format (open_clip's mean / std)."""
+    m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    return (images.float() / 255 - m) / s
+
+
+def _build(world: Path, config: WorldPreset, seed: int) -> None:
+    flush_before = torch.set_flush_denormal(True)  # denormals make late training steps ~1.5x slower on CPU
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    def stage(name: str, began: float) -> None:
+        timings[name] = round(time.perf_counter() - began, 2)
+        log.info("embedded world [%s]: %s done in %.1f s", config.name, name, timings[name])
+
+    try:
+        t = time.perf_counter()
+        torch.manual_seed(seed)
+        backbone = load_open_clip(config.arch)
+        mean, std = _normalizer(backbone)
+        size = backbone.image_size
+        data = {spec.name: make_task_splits(spec, config.split_sizes, size, seed) for spec in TASK_SPECS}
+        for name, parts in data.items():
+            _save_tensors(world / "data" / f"{name}.pt", {f"{split}_{kind}": tensor for split, (images, labels) in parts.items()
+                                                          for kind, tensor in (("images", images), ("labels", labels))})
+        digits_train = digit_splits(seed, config.split_sizes["test"], config.split_sizes["val"])["train"]
+        pool = CaptionPool(config.pool_size, size, digits_train[0], digits_train[1], seed + 1)
+        stage("task data and pre-training pictures", t)
+
+        t = time.perf_counter()
+        vocabulary = caption_corpus() + [tpl.format(c) for spec in TASK_SPECS for tpl in spec.templates for c in spec.classnames]
+
+        def batches(n: int):
+            images, captions, meanings = pool.batch(n)
+            return normalize(images, mean, std), captions, meanings
+
+        pretraining = pretrain_clip(backbone.clip, backbone.tokenizer, vocabulary, batches, replace(config.pretrain, seed=seed))
+        save_state_dict(world / "clip.safetensors", backbone.clip.state_dict(), {"arch": config.arch, "preset": config.name})
+        theta0 = {k: v.clone() for k, v in backbone.visual.state_dict().items()}
+        save_state_dict(world / "pretrained.safetensors", theta0, {"arch": config.arch, "model": "pretrained"})
+        stage(f"contrastive pre-training ({config.pretrain.steps} steps)", t)
+
+        t = time.perf_counter()
+        splits = {name: {s: TensorImages(normalize(x, mean, std), y) for s, (x, y) in parts.items()} for name, parts in data.items()}
+        heads = {spec.name: zero_shot_head(backbone, spec.classnames, spec.templates) for spec in TASK_SPECS}
+        results: dict[str, dict] = {}
+        finetuned: dict[str, dict[str, torch.Tensor]] = {}
+        for index, spec in enumerate(TASK_SPECS):
+            finetuned[spec.name], results[spec.name] = _finetune_task(world, config, spec, index, backbone, heads[spec.name],
+                                                                      splits[spec.name], seed)
+        stage("fine-tuning " + ", ".join(f"{n} {r['finetune_seconds']:.1f}s" for n, r in results.items()), t)
+
+        t = time.perf_counter()
+        sanity = _task_arithmetic_sanity(backbone.visual, theta0, finetuned, heads, splits)
+        stage("task-arithmetic sanity check", t)
+    finally:
+        torch.set_flush_denormal(flush_before)
+    manifest = {
+        "version": WORLD_VERSION, "preset": config.name, "seed": seed, "arch": config.arch, "image_size": size,
+        "mean": mean, "std": std, "torch_threads": torch.get_num_threads(),
+        "tasks": [{"name": s.name, "classnames": s.classnames, "templates": s.templates,
+                   "sizes": {k: len(data[s.name][k][1]) for k in SPLITS}} for s in TASK_SPECS],
+        "accuracy": results, "task_arithmetic": sanity, "pretraining": pretraining,
+        "timings": {**timings, "total": round(time.perf_counter() - start, 2)},
+    }
+    _write_json(world / MANIFEST, manifest)
+    log.info("embedded world [%s] built in %.1f s: %s", config.name, manifest["timings"]["total"], world)
+
+
+def _finetune_task(world: Path, config: WorldPreset, spec: TaskSpec, index: int, backbone: Backbone,
+                   head: torch.Tensor, splits: dict[str, TensorImages], seed: int) -> tuple[dict, dict]:
+    """Fine-tune one task's vision tower; save θₖ and the best-two-by-val checkpoints; measure."""
+    steps = config.finetune_steps.get(spec.name, config.finetune.steps)
+    ft_config = replace(config.finetune, steps=steps, warmup_steps=max(1, steps // 10), seed=seed * 1000 + index)
+    result = finetune_vision_tower(backbone.visual, head, splits["train"], val=splits["val"], config=ft_config)
+    meta = {"arch": config.arch, "task": spec.name, "steps": steps}
+    save_state_dict(world / "finetuned" / f"{spec.name}.safetensors", result.state_dict, {**meta, "model": "finetuned"})
+    for rank, ckpt in enumerate(result.best, start=1):
+        save_state_dict(world / "checkpoints" / spec.name / f"best-{rank}.safetensors", ckpt.state_dict,
+                        {**meta, "model": f"best-{rank}", "step": ckpt.step, "val_accuracy": ckpt.val_accuracy})
+    tuned = copy.deepcopy(backbone.visual)
+    tuned.load_state_dict(result.state_dict)
+    return result.state_dict, {
+        "zero_shot": round(accuracy(backbone.visual, head, splits["test"]), 4),
+        "finetuned": round(accuracy(tuned, head, splits["test"]), 4),
+        "zero_shot_val": round(accuracy(backbone.visual, head, splits["val"]), 4),
+        "finetuned_val": round(accuracy(tuned, head, splits["val"]), 4),
+        "finetune_steps": steps, "finetune_seconds": round(result.seconds, 2),
+        "best_checkpoints": [{"step": c.step, "val_accuracy": round(c.val_accuracy, 4)} for c in result.best],
+    }
+
+
+def _task_arithmetic_sanity(visual: torch.nn.Module, theta0: dict, finetuned: dict, heads: dict, splits: dict) -> dict:
+    """Test accuracy of θ₀ + λ·Σₖ(θₖ − θ₀) per task: merging should land between zero-shot and fine-tuned."""
+    merged = copy.deepcopy(visual)
+    out = {}
+    for lam in SANITY_LAMBDAS:
+        merged.load_state_dict({k: theta0[k] + lam * sum(ft[k] - theta0[k] for ft in finetuned.values()) for k in theta0})
+        out[str(lam)] = {name: round(accuracy(merged, heads[name], splits[name]["test"]), 4) for name in heads}
+    return out
+
+
+def _tmp(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Plain tensors only, so loading with ``weights_only=True`` never unpickles code."""
+    tmp = _tmp(path)
+    torch.save(tensors, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = _tmp(path)
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+# --- loaders used by Hydra configs -------------------------------------------------------------
+
+def _complete_world(cache_dir: str | Path, preset: str, seed: int) -> tuple[Path, dict]:
+    world = build_world(cache_dir, preset=preset, seed=seed)
+    manifest = read_manifest(world)
+    if manifest is None:
+        raise RuntimeError(f"embedded world {world} has no valid {MANIFEST} after building")
+    return world, manifest
+
+
+def embedded_backbone(cache_dir: str | Path, preset: str = "demo", seed: int = 0) -> Backbone:
+    """The world's pre-trained CLIP (building the world if needed), in eval mode, frozen."""
+    world, manifest = _complete_world(cache_dir, preset, seed)
+    return load_open_clip(manifest["arch"], weights=str(world / "clip.safetensors"))
+
+
+def embedded_tasks(cache_dir: str | Path, preset: str = "demo", seed: int = 0,
+                   names: list[str] | None = None) -> list[Task]:
+    """The world's tasks in their fixed, paper-like order, or those in ``names``, in that order.
+
+    Images are float tensors already normalised for the backbone.
+    """
+    chosen = [task_spec(n) for n in names] if names is not None else list(TASK_SPECS)  # ValueError lists valid names
+    world, manifest = _complete_world(cache_dir, preset, seed)
+    tasks = []
+    for spec in chosen:
+        tensors = torch.load(world / "data" / f"{spec.name}.pt", weights_only=True)
+        splits = {s: TensorImages(normalize(tensors[f"{s}_images"], manifest["mean"], manifest["std"]), tensors[f"{s}_labels"])
+                  for s in SPLITS}
+        tasks.append(Task(name=spec.name, classnames=list(spec.classnames), templates=list(spec.templates), splits=splits))
+    return tasks
+
+
+def embedded_pool(cache_dir: str | Path, preset: str = "demo", seed: int = 0) -> dict:
+    """``{"pretrained": Path, "finetuned": {task_name: Path}}``: the vision towers to merge."""
+    world, _ = _complete_world(cache_dir, preset, seed)
+    return {"pretrained": world / "pretrained.safetensors",
+            "finetuned": {name: world / "finetuned" / f"{name}.safetensors" for name in TASK_NAMES}}
+
+
+def embedded_best_checkpoints(cache_dir: str | Path, preset: str = "demo", seed: int = 0) -> dict[str, list[Path]]:
+    """Each task's two best fine-tuning checkpoints by val accuracy (best first)."""
+    world, _ = _complete_world(cache_dir, preset, seed)
+    return {name: sorted((world / "checkpoints" / name).glob("best-*.safetensors")) for name in TASK_NAMES}
+
