@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +22,11 @@ from adamerge.models.pool import CheckpointPool
 from adamerge.results import append_record, check_writable, make_record
 
 log = logging.getLogger(__name__)
+
+# Lightning warnings that describe what adamerge does on purpose: a frozen encoder kept in eval mode,
+# checkpoints taken after the coefficient step, and a torch/Lightning pytree deprecation.
+QUIET_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"Using ModelCheckpoint with manual optimization",
+                  r".*LeafSpec.* is deprecated")
 
 
 def resolve_device(name: str) -> str:
@@ -67,6 +73,10 @@ def print_row(label: str, accuracy: dict[str, float]) -> None:
 def run(cfg: DictConfig) -> float:
     """Run the configured method; return the mean test accuracy (the metric sweepers optimise)."""
     started = time.time()
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    # Lightning sets its logger to INFO when imported (after Hydra configured logging): hardware tips.
+    logging.getLogger("lightning.pytorch").setLevel(logging.INFO if cfg.get("verbose") else logging.WARNING)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)

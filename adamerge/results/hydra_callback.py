@@ -19,9 +19,12 @@ class ResultsTable(Callback):
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         from adamerge.results.records import keep_latest, read_records
         from adamerge.results.tables import build_table, print_table, write_tables
 
+        HydraConfig.instance().set_config(config)  # so ${hydra:...} in paths resolves after the jobs
         records_file = Path(config.paths.results_dir) / "raw" / f"{config.name}.jsonl"
         if not records_file.exists():
             log.warning("no run records in %s: no table written", records_file)
