@@ -3,6 +3,10 @@
 ``demo`` is tuned to build in under two minutes on a 2-core CPU while leaving a backbone that
 is strong relative to its tasks: clearly better than chance zero-shot, ≥ ~90 % once fine-tuned.
 Fine-tuning steps differ per task, as the task-vectors recipe's epochs differ per dataset.
+
+Measured for ``demo`` (seed 0, 2 threads, idle 2-core CPU): build 81–89 s; test accuracy zero-shot
+59 % on average (40–77 % per task), fine-tuned 97 % (90–100 %). Task vectors interfere more than
+in a ViT-B/32: θ₀ + λ·Στₖ peaks near λ = 0.1 (61 %) and falls to 53 % at λ = 0.3.
 """
 
 from __future__ import annotations
