@@ -35,12 +35,28 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def make_trainer_factory(cfg: DictConfig):
+def make_loggers(cfg: DictConfig) -> list:
+    """The configured Lightning loggers, each given the resolved config as hyperparameters."""
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(hparams)
+    return loggers
+
+
+def make_trainer_factory(cfg: DictConfig, loggers: list):
     def make_trainer() -> L.Trainer:
-        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
         return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     return make_trainer
+
+
+def log_accuracy(loggers: list, accuracy: dict[str, float], step: int) -> None:
+    metrics = {f"test_acc/{name}": value for name, value in accuracy.items()}
+    metrics["test_acc/avg"] = sum(accuracy.values()) / len(accuracy)
+    for logger in loggers:
+        logger.log_metrics(metrics, step=step)
+        logger.save()
 
 
 @rank_zero_only
@@ -72,6 +88,16 @@ def print_row(label: str, accuracy: dict[str, float]) -> None:
 
 def run(cfg: DictConfig) -> float:
     """Run the configured method; return the mean test accuracy (the metric sweepers optimise)."""
+    try:
+        return _run(cfg)
+    finally:
+        import sys
+
+        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].finish()  # sequential multirun jobs must never share a W&B run
+
+
+def _run(cfg: DictConfig) -> float:
     started = time.time()
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
@@ -97,10 +123,11 @@ def run(cfg: DictConfig) -> float:
     heads = cached_heads(backbone, tasks, cfg.paths.get("cache_dir"))
     loaded = time.time()
 
+    loggers = make_loggers(cfg)  # Lightning loggers write on rank zero only
     ctx = MergeContext(backbone=backbone, tasks=tasks, pretrained=theta0, finetuned=finetuned, heads=heads,
                        run_dir=run_dir, seed=cfg.seed, device=resolve_device(cfg.get("device", "auto")),
-                       eval_batch_size=cfg.get("eval_batch_size", 256), make_trainer=make_trainer_factory(cfg),
-                       ckpt_path=cfg.get("ckpt_path"))
+                       eval_batch_size=cfg.get("eval_batch_size", 256),
+                       make_trainer=make_trainer_factory(cfg, loggers), ckpt_path=cfg.get("ckpt_path"))
     result = method.run(ctx)
     merged = time.time()
     if result.per_task is not None:
@@ -110,6 +137,7 @@ def run(cfg: DictConfig) -> float:
     avg = sum(accuracy.values()) / len(accuracy)
 
     if rank_zero_only.rank == 0:
+        log_accuracy(loggers, accuracy, step=int(result.extra.get("steps", 0)))
         extra = dict(result.extra)
         extra["seconds"] = {"load": round(loaded - started, 2), "method": round(merged - loaded, 2),
                             "evaluate": round(time.time() - merged, 2)}

@@ -9,7 +9,8 @@ from pathlib import Path
 
 def adamerge(args, cwd, cache_dir, timeout=600, check=True, env=None):
     full_env = dict(os.environ, ADAMERGE_CACHE=str(cache_dir), HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
-                    OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+                    OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
     done = subprocess.run([sys.executable, "-m", "adamerge", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
     if check:

@@ -24,7 +24,8 @@ def test_smoke_run_end_to_end_writes_record_coefficients_and_checkpoint(tmp_path
     assert list(ckpt["state_dict"]) == ["coefficients.raw"]
     assert (run_dir / "csv" / "metrics.csv").exists()
     header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
-    assert "entropy/digits" in header and "batch_acc/digits" in header
+    assert "entropy/digits" in header and "batch_acc/digits" in header and "test_acc/avg" in header
+    assert "max_steps" in (run_dir / "csv" / "hparams.yaml").read_text()
 
 
 def test_multirun_writes_one_record_per_job_and_one_table(tmp_path, embedded_cache):
@@ -70,3 +71,15 @@ def test_unwritable_results_dir_fails_before_any_expensive_work(tmp_path):
     assert done.returncode != 0
     assert str(blocker) in done.stderr and "paths.results_dir" in done.stderr
     assert not cache.exists() or not any(cache.rglob("*.safetensors"))  # nothing was built
+
+
+def test_wandb_offline_run_holds_metrics_config_and_summary(tmp_path, embedded_cache):
+    adamerge(["experiment=smoke", "threads=1", "logger=wandb", "logger.wandb.offline=true"], tmp_path,
+             embedded_cache, env={"WANDB_MODE": "offline"})
+    (record,) = records(tmp_path, "smoke")
+    runs = list(Path(record["extra"]["run_dir"]).glob("wandb/offline-run-*"))
+    assert len(runs) == 1  # one run per job: wandb.finish() ran
+    (events,) = runs[0].glob("run-*.wandb")  # wandb's event log: config, history and summary records
+    data = events.read_bytes()
+    for expected in (b"max_steps", b"adamerging_layerwise", b"entropy/digits", b"batch_acc/digits", b"test_acc/avg"):
+        assert expected in data, expected

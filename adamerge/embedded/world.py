@@ -29,9 +29,11 @@ from adamerge.embedded.presets import WORLD_VERSION, WorldPreset, get_preset
 from adamerge.embedded.pretraining import pretrain_clip
 from adamerge.embedded.tasks import SPLITS, TASK_NAMES, TASK_SPECS, TaskSpec, make_task_splits, task_spec
 from adamerge.finetuning import accuracy, finetune_vision_tower
+from adamerge.merging import task_arithmetic, task_vector
 from adamerge.models.backbone import Backbone, load_open_clip
 from adamerge.models.checkpoints import save_state_dict
 from adamerge.models.heads import zero_shot_head
+from adamerge.results.records import write_text_atomic
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -140,7 +142,7 @@ def _build(world: Path, config: WorldPreset, seed: int) -> None:
         "accuracy": results, "task_arithmetic": sanity, "pretraining": pretraining,
         "timings": {**timings, "total": round(time.perf_counter() - start, 2)},
     }
-    _write_json(world / MANIFEST, manifest)
+    write_text_atomic(world / MANIFEST, json.dumps(manifest, indent=2))
     log.info("embedded world [%s] built in %.1f s: %s", config.name, manifest["timings"]["total"], world)
 
 
@@ -170,9 +172,10 @@ def _finetune_task(world: Path, config: WorldPreset, spec: TaskSpec, index: int,
 def _task_arithmetic_sanity(visual: torch.nn.Module, theta0: dict, finetuned: dict, heads: dict, splits: dict) -> dict:
     """Test accuracy of θ₀ + λ·Σₖ(θₖ − θ₀) per task: merging should land between zero-shot and fine-tuned."""
     merged = copy.deepcopy(visual)
+    vectors = [task_vector(ft, theta0) for ft in finetuned.values()]
     out = {}
     for lam in SANITY_LAMBDAS:
-        merged.load_state_dict({k: theta0[k] + lam * sum(ft[k] - theta0[k] for ft in finetuned.values()) for k in theta0})
+        merged.load_state_dict(task_arithmetic(theta0, vectors, lam))
         out[str(lam)] = {name: round(accuracy(merged, heads[name], splits[name]["test"]), 4) for name in heads}
     return out
 
@@ -186,12 +189,6 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Plain tensors only, so loading with ``weights_only=True`` never unpickles code."""
     tmp = _tmp(path)
     torch.save(tensors, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)
 
 
