@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from adamerge.methods.base import MergeContext
 from adamerge.models.head_cache import cached_heads
 from adamerge.models.pool import CheckpointPool
+from adamerge.plots.curves import adaptation_curves
 from adamerge.results import append_record, check_writable, make_record
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,19 @@ def make_trainer_factory(cfg: DictConfig, loggers: list):
     return make_trainer
 
 
-def log_accuracy(loggers: list, accuracy: dict[str, float], step: int) -> None:
+def log_results(loggers: list, accuracy: dict[str, float], step: int, images: dict[str, str]) -> None:
+    """Final per-task accuracy to every logger; to W&B also as a table and the run's figures as images."""
+    from lightning.pytorch.loggers import WandbLogger
+
     metrics = {f"test_acc/{name}": value for name, value in accuracy.items()}
     metrics["test_acc/avg"] = sum(accuracy.values()) / len(accuracy)
     for logger in loggers:
         logger.log_metrics(metrics, step=step)
+        if isinstance(logger, WandbLogger):
+            logger.log_table(key="test_accuracy", columns=[*accuracy, "avg"],
+                             data=[[100 * v for v in accuracy.values()] + [100 * metrics["test_acc/avg"]]])
+            for key, path in images.items():
+                logger.log_image(key=key, images=[path])
         logger.save()
 
 
@@ -135,9 +144,23 @@ def _run(cfg: DictConfig) -> float:
     else:
         accuracy = ctx.evaluate(result.params)
     avg = sum(accuracy.values()) / len(accuracy)
+    objective = cfg.get("optimized_metric", "test")
+    if objective not in ("test", "val"):
+        raise ValueError(f"optimized_metric must be 'test' or 'val', got {objective!r}")
+    val_accuracy = None
+    if objective == "val":
+        val_accuracy = (ctx.evaluate(result.per_task, split="val", per_task=True) if result.per_task is not None
+                        else ctx.evaluate(result.params, split="val"))
+        result.extra["val_accuracy"] = val_accuracy
 
     if rank_zero_only.rank == 0:
-        log_accuracy(loggers, accuracy, step=int(result.extra.get("steps", 0)))
+        metrics_csv = run_dir / "csv" / "metrics.csv"
+        if "steps" in result.extra and metrics_csv.exists():
+            curves = adaptation_curves(metrics_csv, run_dir / "curves.png", title=method.label)
+            if curves is not None:
+                result.extra["curves_plot"] = str(curves)
+        images = {k: result.extra[f"{k}_plot"] for k in ("coefficients", "curves") if f"{k}_plot" in result.extra}
+        log_results(loggers, accuracy, step=int(result.extra.get("steps", 0)), images=images)
         extra = dict(result.extra)
         extra["seconds"] = {"load": round(loaded - started, 2), "method": round(merged - loaded, 2),
                             "evaluate": round(time.time() - merged, 2)}
@@ -148,4 +171,4 @@ def _run(cfg: DictConfig) -> float:
         append_record(records_dir / f"{cfg.name}.jsonl", record)
         print_row(method.label, accuracy)
         log.info("%s: avg %.1f  (%s)", method.label, 100 * avg, extra["seconds"])
-    return avg
+    return sum(val_accuracy.values()) / len(val_accuracy) if val_accuracy is not None else avg

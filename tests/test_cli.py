@@ -26,6 +26,7 @@ def test_smoke_run_end_to_end_writes_record_coefficients_and_checkpoint(tmp_path
     header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "entropy/digits" in header and "batch_acc/digits" in header and "test_acc/avg" in header
     assert "max_steps" in (run_dir / "csv" / "hparams.yaml").read_text()
+    assert (run_dir / "coefficients.png").exists() and (run_dir / "curves.png").exists()
 
 
 def test_multirun_writes_one_record_per_job_and_one_table(tmp_path, embedded_cache):
@@ -81,5 +82,21 @@ def test_wandb_offline_run_holds_metrics_config_and_summary(tmp_path, embedded_c
     assert len(runs) == 1  # one run per job: wandb.finish() ran
     (events,) = runs[0].glob("run-*.wandb")  # wandb's event log: config, history and summary records
     data = events.read_bytes()
-    for expected in (b"max_steps", b"adamerging_layerwise", b"entropy/digits", b"batch_acc/digits", b"test_acc/avg"):
+    for expected in (b"max_steps", b"adamerging_layerwise", b"entropy/digits", b"batch_acc/digits", b"test_acc/avg",
+                     b"test_accuracy", b"coefficients"):
         assert expected in data, expected
+
+
+def test_parallel_launcher_runs_two_jobs(tmp_path, embedded_cache):
+    adamerge(["-m", "experiment=smoke", "threads=1", "hydra/launcher=parallel", "method=pretrained,task_arithmetic"],
+             tmp_path, embedded_cache)
+    assert sorted(r["method"] for r in records(tmp_path, "smoke")) == ["pretrained", "task_arithmetic"]
+    assert "Task Arithmetic (λ=0.3)" in (tmp_path / "results" / "tables" / "smoke.md").read_text()
+
+
+def test_lambda_grid_returns_validation_accuracy(tmp_path, embedded_cache):
+    adamerge(["hparams_search=lambda_grid", "experiment=smoke", "name=grid", "threads=1", "method.lam=0.0,0.5"],
+             tmp_path, embedded_cache)
+    rows = records(tmp_path, "grid")
+    assert [r["extra"]["lambda"] for r in rows] == [0.0, 0.5]
+    assert all(set(r["extra"]["val_accuracy"]) == set(r["tasks"]) for r in rows)

@@ -66,3 +66,16 @@ def test_paper_protocol_defaults():
     assert cfg.method.init == 0.3 and list(cfg.method.clamp) == [0.0, 1.0]
     assert cfg.method.batch_size == 16 and cfg.method.batches_per_task == 2
     assert cfg.optimizer.lr == 1e-3 and cfg.trainer.max_steps == 500
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml")))
+def test_every_hparams_search_preset_composes(preset):
+    cfg = compose_cfg([f"hparams_search={preset}"])
+    assert cfg.optimized_metric == "val" and cfg.hydra.sweeper.params
+
+
+@pytest.mark.parametrize("launcher", ["parallel", "slurm_gpu"])
+def test_launcher_configs_compose(launcher):
+    cfg = compose_cfg([f"hydra/launcher={launcher}"])
+    target = cfg.hydra.launcher._target_
+    assert ("Joblib" in target) if launcher == "parallel" else ("Slurm" in target and cfg.hydra.launcher.gpus_per_node == 1)

@@ -104,6 +104,7 @@ class AdaMergingModule(L.LightningModule):
         optimizer.step()
         lam = self.coefficients().detach()
         self.log("loss", total, prog_bar=True)
+        self.log("lr", float(optimizer.optimizer.param_groups[0]["lr"]))
         self.log_dict({"lambda/mean": lam.mean(), "lambda/min": lam.min(), "lambda/max": lam.max(),
                        "lambda/at_bounds": float(self.coefficients.at_bounds())})
         return total
