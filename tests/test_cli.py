@@ -30,11 +30,15 @@ def test_smoke_run_end_to_end_writes_record_coefficients_and_checkpoint(tmp_path
 
 
 def test_multirun_writes_one_record_per_job_and_one_table(tmp_path, embedded_cache):
-    adamerge(["-m", "experiment=smoke", "threads=1", "method=pretrained,task_arithmetic,ties"], tmp_path, embedded_cache)
-    assert [r["method"] for r in records(tmp_path, "smoke")] == ["pretrained", "task_arithmetic", "ties"]
+    adamerge(["-m", "experiment=smoke", "threads=1", "method=pretrained,task_arithmetic,ties,adamerging_taskwise"],
+             tmp_path, embedded_cache)
+    assert [r["method"] for r in records(tmp_path, "smoke")] == ["pretrained", "task_arithmetic", "ties",
+                                                                 "adamerging_taskwise"]
     table = (tmp_path / "results" / "tables" / "smoke.md").read_text()
     assert "Pretrained" in table and "Task Arithmetic (λ=0.3)" in table and "TIES-Merging" in table
     assert (tmp_path / "results" / "tables" / "smoke.csv").exists()
+    figures = sorted(p.name for p in (tmp_path / "results" / "figures" / "smoke").iterdir())
+    assert figures == ["adamerging_taskwise-seed0-coefficients.png", "adamerging_taskwise-seed0-curves.png"]
 
 
 def test_saved_coefficients_evaluate_without_training(tmp_path, embedded_cache):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -37,3 +38,18 @@ class ResultsTable(Callback):
         print_table(table)
         for path in write_tables(table, Path(config.paths.results_dir) / "tables" / config.name):
             log.info("wrote %s", path)
+        copy_figures(this_sweep, Path(config.paths.results_dir) / "figures" / config.name)
+
+
+def copy_figures(records: list[dict], folder: Path) -> list[Path]:
+    """The sweep's per-run figures (λ heatmaps, curves) as ``<folder>/<method>-<figure>.png``: small, kept in git."""
+    copied = []
+    for record in records:
+        for figure in ("coefficients", "curves"):
+            source = record["extra"].get(f"{figure}_plot")
+            if source and Path(source).exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                target = folder / f"{record['method']}-seed{record['seed']}-{figure}.png"
+                shutil.copyfile(source, target)
+                copied.append(target)
+    return copied
