@@ -16,7 +16,8 @@ from adamerge.data.task import TensorImages  # noqa: E402
 from adamerge.embedded import (TASK_NAMES, build_world, embedded_backbone, embedded_best_checkpoints,  # noqa: E402
                                embedded_pool, embedded_tasks, read_manifest, world_dir)
 from adamerge.embedded.digits import digit_splits  # noqa: E402
-from adamerge.finetuning import FinetuneConfig, accuracy, finetune_vision_tower  # noqa: E402
+from adamerge.evaluation.accuracy import dataset_accuracy  # noqa: E402
+from adamerge.finetuning import FinetuneConfig, finetune_vision_tower  # noqa: E402
 from adamerge.models.backbone import load_open_clip  # noqa: E402
 from adamerge.models.checkpoints import load_state_dict  # noqa: E402
 from adamerge.models.heads import zero_shot_head  # noqa: E402
@@ -132,10 +133,10 @@ def test_finetuned_models_beat_zero_shot_on_their_own_tasks(tiny):
     gains = []
     for task in embedded_tasks(cache, preset="tiny", seed=0):
         head = zero_shot_head(backbone, task.classnames, task.templates)
-        zero_shot = accuracy(backbone.visual, head, task.split("test"))
+        zero_shot = dataset_accuracy(backbone.visual, head, task.split("test"))
         tuned = load_open_clip("adamerge-tiny").visual
         tuned.load_state_dict(load_state_dict(pool["finetuned"][task.name]))
-        finetuned = accuracy(tuned, head, task.split("test"))
+        finetuned = dataset_accuracy(tuned, head, task.split("test"))
         assert zero_shot == pytest.approx(recorded[task.name]["zero_shot"], abs=1e-3)
         assert finetuned == pytest.approx(recorded[task.name]["finetuned"], abs=1e-3)
         gains.append(finetuned - zero_shot)

@@ -28,7 +28,8 @@ from adamerge.embedded.digits import digit_splits
 from adamerge.embedded.presets import WORLD_VERSION, WorldPreset, get_preset
 from adamerge.embedded.pretraining import pretrain_clip
 from adamerge.embedded.tasks import SPLITS, TASK_NAMES, TASK_SPECS, TaskSpec, make_task_splits, task_spec
-from adamerge.finetuning import accuracy, finetune_vision_tower
+from adamerge.evaluation.accuracy import dataset_accuracy
+from adamerge.finetuning import finetune_vision_tower
 from adamerge.merging import task_arithmetic, task_vector
 from adamerge.models.backbone import Backbone, load_open_clip
 from adamerge.models.checkpoints import save_state_dict
@@ -160,10 +161,10 @@ def _finetune_task(world: Path, config: WorldPreset, spec: TaskSpec, index: int,
     tuned = copy.deepcopy(backbone.visual)
     tuned.load_state_dict(result.state_dict)
     return result.state_dict, {
-        "zero_shot": round(accuracy(backbone.visual, head, splits["test"]), 4),
-        "finetuned": round(accuracy(tuned, head, splits["test"]), 4),
-        "zero_shot_val": round(accuracy(backbone.visual, head, splits["val"]), 4),
-        "finetuned_val": round(accuracy(tuned, head, splits["val"]), 4),
+        "zero_shot": round(dataset_accuracy(backbone.visual, head, splits["test"]), 4),
+        "finetuned": round(dataset_accuracy(tuned, head, splits["test"]), 4),
+        "zero_shot_val": round(dataset_accuracy(backbone.visual, head, splits["val"]), 4),
+        "finetuned_val": round(dataset_accuracy(tuned, head, splits["val"]), 4),
         "finetune_steps": steps, "finetune_seconds": round(result.seconds, 2),
         "best_checkpoints": [{"step": c.step, "val_accuracy": round(c.val_accuracy, 4)} for c in result.best],
     }
@@ -176,7 +177,7 @@ def _task_arithmetic_sanity(visual: torch.nn.Module, theta0: dict, finetuned: di
     out = {}
     for lam in SANITY_LAMBDAS:
         merged.load_state_dict(task_arithmetic(theta0, vectors, lam))
-        out[str(lam)] = {name: round(accuracy(merged, heads[name], splits[name]["test"]), 4) for name in heads}
+        out[str(lam)] = {name: round(dataset_accuracy(merged, heads[name], splits[name]["test"]), 4) for name in heads}
     return out
 
 

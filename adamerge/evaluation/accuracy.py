@@ -1,4 +1,4 @@
-"""Top-1 accuracy of a vision tower (given as parameters) on each task's labelled split."""
+"""Top-1 accuracy of a vision tower (optionally given merged parameters) under a frozen zero-shot head."""
 
 from __future__ import annotations
 
@@ -6,28 +6,49 @@ from typing import Mapping
 
 import torch
 from torch.func import functional_call
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from adamerge.data.task import Task
+from adamerge.data.task import Task, TensorImages
 from adamerge.models.heads import logits
 
 
+def _batches(dataset: Dataset, batch_size: int):
+    if isinstance(dataset, TensorImages):  # decoded once: slice, don't collate sample by sample
+        for i in range(0, len(dataset), batch_size):
+            yield dataset.images[i:i + batch_size], dataset.labels[i:i + batch_size]
+    else:
+        yield from DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
 @torch.no_grad()
-def accuracy(visual: torch.nn.Module, params: Mapping[str, torch.Tensor] | None, head: torch.Tensor, task: Task,
-             split: str = "test", batch_size: int = 256, device: str | torch.device = "cpu") -> float:
-    """Fraction of correct predictions; ``params`` (merged weights) replace the module's own if given."""
+def dataset_accuracy(visual: torch.nn.Module, head: torch.Tensor, dataset: Dataset,
+                     params: Mapping[str, torch.Tensor] | None = None, batch_size: int = 256,
+                     device: str | torch.device = "cpu") -> float:
+    """Fraction of correct predictions; ``params`` (merged weights) replace the module's own if given.
+
+    Leaves ``visual`` in eval mode on ``device``.
+    """
     visual = visual.to(device).eval()
     params = {k: v.to(device) for k, v in params.items()} if params is not None else None
     head = head.to(device)
     correct = total = 0
-    for images, labels in DataLoader(task.split(split), batch_size=batch_size, shuffle=False):
+    for images, labels in _batches(dataset, batch_size):
         images = images.to(device)
         feats = functional_call(visual, params, (images,)) if params is not None else visual(images)
-        correct += int((logits(feats, head).argmax(-1).cpu() == labels).sum())
+        correct += int((logits(feats, head).argmax(-1).cpu() == torch.as_tensor(labels)).sum())
         total += len(labels)
     if total == 0:
-        raise ValueError(f"task {task.name!r} has an empty {split!r} split")
+        raise ValueError("cannot measure accuracy on an empty dataset")
     return correct / total
+
+
+def accuracy(visual: torch.nn.Module, params: Mapping[str, torch.Tensor] | None, head: torch.Tensor, task: Task,
+             split: str = "test", batch_size: int = 256, device: str | torch.device = "cpu") -> float:
+    """Accuracy on one split of a task (a clear error names an empty split)."""
+    dataset = task.split(split)
+    if len(dataset) == 0:
+        raise ValueError(f"task {task.name!r} has an empty {split!r} split")
+    return dataset_accuracy(visual, head, dataset, params, batch_size, device)
 
 
 def accuracies(visual, params_by_task: Mapping[str, Mapping[str, torch.Tensor] | None], heads: Mapping[str, torch.Tensor],

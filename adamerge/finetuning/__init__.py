@@ -1,6 +1,5 @@
 """Fine-tuning vision towers with frozen zero-shot heads (plain PyTorch, no Lightning)."""
 
-from adamerge.finetuning.vision_tower import (Checkpoint, FinetuneConfig, FinetuneResult, accuracy,
-                                              finetune_vision_tower)
+from adamerge.finetuning.vision_tower import Checkpoint, FinetuneConfig, FinetuneResult, finetune_vision_tower
 
-__all__ = ["Checkpoint", "FinetuneConfig", "FinetuneResult", "accuracy", "finetune_vision_tower"]
+__all__ = ["Checkpoint", "FinetuneConfig", "FinetuneResult", "finetune_vision_tower"]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from adamerge.evaluation.accuracy import dataset_accuracy
 from adamerge.finetuning.schedule import decay_groups, warmup_cosine
 from adamerge.models.heads import logits
 
@@ -56,17 +57,6 @@ def dataset_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
 
 
-@torch.no_grad()
-def accuracy(visual: torch.nn.Module, head: torch.Tensor, dataset: Dataset, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``logits(visual(x), head)``; leaves ``visual`` in eval mode."""
-    visual.eval()
-    images, labels = dataset_tensors(dataset)
-    correct = 0
-    for i in range(0, len(labels), batch_size):
-        correct += (logits(visual(images[i:i + batch_size]), head).argmax(1) == labels[i:i + batch_size]).sum().item()
-    return correct / max(1, len(labels))
-
-
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -99,7 +89,7 @@ def finetune_vision_tower(visual: torch.nn.Module, head: torch.Tensor, train: Da
         optimizer.step()
         schedule.step()
         if val is not None and config.eval_every > 0 and (step % config.eval_every == 0 or step == config.steps):
-            acc = accuracy(model, head, val)
+            acc = dataset_accuracy(model, head, val, batch_size=512)
             model.train()
             history.append((step, acc))
             if len(best) < config.keep_best or acc > best[-1].val_accuracy:
