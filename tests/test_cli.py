@@ -30,12 +30,13 @@ def test_smoke_run_end_to_end_writes_record_coefficients_and_checkpoint(tmp_path
 
 
 def test_multirun_writes_one_record_per_job_and_one_table(tmp_path, embedded_cache):
-    adamerge(["-m", "experiment=smoke", "threads=1", "method=pretrained,task_arithmetic,ties,adamerging_taskwise"],
-             tmp_path, embedded_cache)
+    adamerge(["-m", "experiment=smoke", "threads=1", "method=pretrained,task_arithmetic,ties,adamerging_taskwise",
+              "reference={Pretrained: {scenes: 50.0}}"], tmp_path, embedded_cache)
     assert [r["method"] for r in records(tmp_path, "smoke")] == ["pretrained", "task_arithmetic", "ties",
                                                                  "adamerging_taskwise"]
     table = (tmp_path / "results" / "tables" / "smoke.md").read_text()
     assert "Pretrained" in table and "Task Arithmetic (λ=0.3)" in table and "TIES-Merging" in table
+    assert "| Pretrained (paper)" in table and "50.0" in table  # paper numbers beside ours
     assert (tmp_path / "results" / "tables" / "smoke.csv").exists()
     figures = sorted(p.name for p in (tmp_path / "results" / "figures" / "smoke").iterdir())
     assert figures == ["adamerging_taskwise-seed0-coefficients.png", "adamerging_taskwise-seed0-curves.png"]
@@ -104,3 +105,22 @@ def test_lambda_grid_returns_validation_accuracy(tmp_path, embedded_cache):
     rows = records(tmp_path, "grid")
     assert [r["extra"]["lambda"] for r in rows] == [0.0, 0.5]
     assert all(set(r["extra"]["val_accuracy"]) == set(r["tasks"]) for r in rows)
+
+
+def test_tensorboard_logger_writes_event_file(tmp_path, embedded_cache):
+    adamerge(["experiment=smoke", "threads=1", "logger=tensorboard"], tmp_path, embedded_cache)
+    (record,) = records(tmp_path, "smoke")
+    events = list(Path(record["extra"]["run_dir"]).glob("tensorboard/events.out.tfevents.*"))
+    assert events
+    data = b"".join(e.read_bytes() for e in events)
+    assert b"entropy/digits" in data and b"test_acc/avg" in data
+
+
+def test_optuna_search_runs_two_trials_on_validation_accuracy(tmp_path, embedded_cache):
+    adamerge(["hparams_search=optuna_adamerging", "experiment=smoke", "hydra.sweeper.n_trials=2", "threads=1"],
+             tmp_path, embedded_cache)
+    rows = records(tmp_path, "optuna_adamerging")
+    assert len(rows) == 2 and all("val_accuracy" in r["extra"] for r in rows)
+    assert rows[0]["config"]["optimizer"]["lr"] != rows[1]["config"]["optimizer"]["lr"]
+    (best,) = (tmp_path / "multirun" / "optuna_adamerging").glob("*/optimization_results.yaml")
+    assert "optimizer.lr" in best.read_text()

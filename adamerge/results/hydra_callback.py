@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,9 @@ class ResultsTable(Callback):
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
         this_sweep = [r for r in records if str(Path(r["extra"].get("run_dir", "/")).resolve()).startswith(sweep_dir)]
         order = list(dict.fromkeys(r["label"] for r in this_sweep))
-        table = build_table(keep_latest(records), row_order=order or None)
+        reference = config.get("reference")
+        reference = OmegaConf.to_container(reference, resolve=True) if reference is not None else None
+        table = build_table(keep_latest(records), row_order=order or None, reference=reference)
         print_table(table)
         for path in write_tables(table, Path(config.paths.results_dir) / "tables" / config.name):
             log.info("wrote %s", path)
