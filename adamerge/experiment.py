@@ -52,13 +52,19 @@ def make_trainer_factory(cfg: DictConfig, loggers: list):
     return make_trainer
 
 
-def log_results(loggers: list, accuracy: dict[str, float], step: int, images: dict[str, str]) -> None:
-    """Final per-task accuracy to every logger; to W&B also as a table and the run's figures as images."""
-    from lightning.pytorch.loggers import WandbLogger
+def log_results(loggers: list, accuracy: dict[str, float], step: int, images: dict[str, str], trained: bool) -> None:
+    """Final per-task accuracy to every logger; to W&B also as a table and the run's figures as images.
+
+    ``trained``: a Trainer ran and has already finalised (closed) the loggers.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     metrics = {f"test_acc/{name}": value for name, value in accuracy.items()}
     metrics["test_acc/avg"] = sum(accuracy.values()) / len(accuracy)
     for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            tensorboard_results(logger, metrics, step, finalize=not trained)
+            continue
         logger.log_metrics(metrics, step=step)
         if isinstance(logger, WandbLogger):
             logger.log_table(key="test_accuracy", columns=[*accuracy, "avg"],
@@ -66,6 +72,19 @@ def log_results(loggers: list, accuracy: dict[str, float], step: int, images: di
             for key, path in images.items():
                 logger.log_image(key=key, images=[path])
         logger.save()
+
+
+def tensorboard_results(logger, metrics: dict[str, float], step: int, finalize: bool) -> None:
+    """Results in an event file of their own: re-opening the writer Lightning closed would reuse the
+    training file's name (it is made of the second and the host) and overwrite the training curves."""
+    if finalize:  # no trainer ran: the logger's writer is still open
+        logger.log_metrics(metrics, step=step)
+        logger.finalize("success")
+        return
+    writer = type(logger.experiment)(log_dir=logger.log_dir, filename_suffix=".results")
+    for key, value in metrics.items():
+        writer.add_scalar(key, value, step)
+    writer.close()
 
 
 @rank_zero_only
@@ -160,7 +179,8 @@ def _run(cfg: DictConfig) -> float:
             if curves is not None:
                 result.extra["curves_plot"] = str(curves)
         images = {k: result.extra[f"{k}_plot"] for k in ("coefficients", "curves") if f"{k}_plot" in result.extra}
-        log_results(loggers, accuracy, step=int(result.extra.get("steps", 0)), images=images)
+        log_results(loggers, accuracy, step=int(result.extra.get("steps", 0)), images=images,
+                    trained="steps" in result.extra)
         extra = dict(result.extra)
         extra["seconds"] = {"load": round(loaded - started, 2), "method": round(merged - loaded, 2),
                             "evaluate": round(time.time() - merged, 2)}

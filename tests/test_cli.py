@@ -124,3 +124,10 @@ def test_optuna_search_runs_two_trials_on_validation_accuracy(tmp_path, embedded
     assert rows[0]["config"]["optimizer"]["lr"] != rows[1]["config"]["optimizer"]["lr"]
     (best,) = (tmp_path / "multirun" / "optuna_adamerging").glob("*/optimization_results.yaml")
     assert "optimizer.lr" in best.read_text()
+
+
+def test_tensorboard_logger_for_a_method_without_training(tmp_path, embedded_cache):
+    adamerge(["experiment=smoke", "threads=1", "logger=tensorboard", "method=task_arithmetic"], tmp_path, embedded_cache)
+    (record,) = records(tmp_path, "smoke")
+    events = list(Path(record["extra"]["run_dir"]).glob("tensorboard/events.out.tfevents.*"))
+    assert b"test_acc/avg" in b"".join(e.read_bytes() for e in events)
