@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from adamerge.methods.base import MergeContext
 from adamerge.models.head_cache import cached_heads
-from adamerge.models.pool import CheckpointPool
 from adamerge.plots.curves import adaptation_curves
 from adamerge.results import append_record, check_writable, make_record
 
@@ -144,8 +143,6 @@ def _run(cfg: DictConfig) -> float:
     backbone = instantiate(cfg.model)
     tasks = instantiate(cfg.tasks)
     pool = instantiate(cfg.pool)
-    if isinstance(pool, dict):
-        pool = CheckpointPool(**pool)
     names = [t.name for t in tasks]
     theta0, finetuned = pool.load(names, backbone.visual)
     heads = cached_heads(backbone, tasks, cfg.paths.get("cache_dir"))

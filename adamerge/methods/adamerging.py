@@ -26,8 +26,6 @@ class AdaptationOutOfMemory(RuntimeError):
 
 
 class AdaMerging(Method):
-    name = "adamerging"
-
     def __init__(self, optimizer: Callable, granularity: str = "layer", init: float = 0.3,
                  clamp: tuple[float, float] | None = (0.0, 1.0), ties_keep: float | None = None,
                  batch_size: int = 16, batches_per_task: int = 1, forward_mode: str = "concat",

@@ -55,7 +55,6 @@ class MergeResult:
 
 
 class Method:
-    name = "method"
     label = "Method"
 
     def run(self, ctx: MergeContext) -> MergeResult:  # pragma: no cover - interface

@@ -9,8 +9,6 @@ from adamerge.methods.base import MergeContext, MergeResult, Method
 class Pretrained(Method):
     """θ₀ with each task's zero-shot head: the floor every merge should beat."""
 
-    name = "pretrained"
-
     def __init__(self, label: str = "Pretrained"):
         self.label = label
 
@@ -21,8 +19,6 @@ class Pretrained(Method):
 class Individual(Method):
     """Each task evaluated with its own fine-tuned model: the ceiling (K models, not one)."""
 
-    name = "individual"
-
     def __init__(self, label: str = "Individual"):
         self.label = label
 
@@ -32,8 +28,6 @@ class Individual(Method):
 
 class WeightAveraging(Method):
     """θ = (1/K) Σₖ θₖ."""
-
-    name = "weight_averaging"
 
     def __init__(self, label: str = "Weight Averaging"):
         self.label = label

@@ -35,8 +35,6 @@ class _Scaled(Method):
 class TaskArithmetic(_Scaled):
     """θ = θ₀ + λ Σₖ τₖ."""
 
-    name = "task_arithmetic"
-
     def __init__(self, lam: float = 0.3, lam_grid: Sequence[float] | None = None, label: str | None = None):
         super().__init__(lam, lam_grid)
         self.label = label or ("Task Arithmetic (λ tuned on val)" if self.lam_grid else f"Task Arithmetic (λ={self.lam:g})")
@@ -47,8 +45,6 @@ class TaskArithmetic(_Scaled):
 
 class Ties(_Scaled):
     """θ = θ₀ + λ · disjoint_merge(trim_k(τ₁..τ_K))."""
-
-    name = "ties"
 
     def __init__(self, keep: float = 0.2, merge: str = "mean", lam: float = 1.0,
                  lam_grid: Sequence[float] | None = None, label: str | None = None):
