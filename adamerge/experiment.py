@@ -141,7 +141,7 @@ def _run(cfg: DictConfig) -> float:
 
     method = instantiate(cfg.method)  # invalid method options fail here, before loading anything
     backbone = instantiate(cfg.model)
-    tasks = instantiate(cfg.tasks)
+    tasks = instantiate(cfg.tasks, backbone=backbone)  # real datasets need its transform
     pool = instantiate(cfg.pool)
     names = [t.name for t in tasks]
     theta0, finetuned = pool.load(names, backbone.visual)
@@ -152,7 +152,7 @@ def _run(cfg: DictConfig) -> float:
     ctx = MergeContext(backbone=backbone, tasks=tasks, pretrained=theta0, finetuned=finetuned, heads=heads,
                        run_dir=run_dir, seed=cfg.seed, device=resolve_device(cfg.get("device", "auto")),
                        eval_batch_size=cfg.get("eval_batch_size", 256),
-                       make_trainer=make_trainer_factory(cfg, loggers), ckpt_path=cfg.get("ckpt_path"))
+                       make_trainer=make_trainer_factory(cfg, loggers), ckpt_path=cfg.get("ckpt_path"), pool=pool)
     result = method.run(ctx)
     merged = time.time()
     if result.per_task is not None:

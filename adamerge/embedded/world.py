@@ -210,10 +210,11 @@ def embedded_backbone(cache_dir: str | Path, preset: str = "demo", seed: int = 0
 
 
 def embedded_tasks(cache_dir: str | Path, preset: str = "demo", seed: int = 0,
-                   names: list[str] | None = None) -> list[Task]:
+                   names: list[str] | None = None, backbone: Backbone | None = None) -> list[Task]:
     """The world's tasks in their fixed, paper-like order, or those in ``names``, in that order.
 
-    Images are float tensors already normalised for the backbone.
+    Images are float tensors already normalised for the world's backbone (``backbone``, which real
+    datasets need for their transform, is accepted and unused).
     """
     chosen = [task_spec(n) for n in names] if names is not None else list(TASK_SPECS)  # ValueError lists valid names
     world, manifest = _complete_world(cache_dir, preset, seed)

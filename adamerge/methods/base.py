@@ -30,6 +30,7 @@ class MergeContext:
     eval_batch_size: int = 256
     make_trainer: Callable | None = None  # () -> lightning.Trainer, for methods that train
     ckpt_path: str | None = None          # resume a training method from this Lightning checkpoint
+    pool: object | None = None            # the CheckpointPool: methods that need more checkpoints per task
 
     @property
     def task_names(self) -> list[str]:

@@ -22,13 +22,17 @@ class CheckpointPool:
     """θ₀ (``pretrained``; ``None`` means the backbone's own weights) and θₖ per task.
 
     ``finetuned`` maps task names to files; tasks not in it are looked up as
-    ``finetuned_dir / pattern.format(task=name)``.
+    ``finetuned_dir / pattern.format(task=name)``. ``candidates`` lists further checkpoints of each
+    task (e.g. the best two kept by fine-tuning, which Extrapolation Merging merges with each other);
+    tasks not in it are globbed as ``finetuned_dir / candidates_pattern.format(task=name)``.
     """
 
     pretrained: str | Path | None = None
     finetuned: dict[str, str | Path] = field(default_factory=dict)
     finetuned_dir: str | Path | None = None
     pattern: str = "{task}.safetensors"
+    candidates: dict[str, list[str | Path]] = field(default_factory=dict)
+    candidates_pattern: str = "{task}/best-*.safetensors"
 
     def path_for(self, task: str) -> Path | None:
         if task in self.finetuned:
@@ -61,9 +65,40 @@ class CheckpointPool:
         return theta0, finetuned
 
 
+    def candidate_paths(self, task: str) -> list[Path]:
+        """Every checkpoint of ``task`` beyond its main one, best first (sorted by name)."""
+        if task in self.candidates:
+            return [Path(p) for p in self.candidates[task]]
+        if self.finetuned_dir is not None:
+            return sorted(Path(self.finetuned_dir).glob(self.candidates_pattern.format(task=task)))
+        return []
+
+    def load_candidates(self, task: str, theta0: StateDict, need: int = 2) -> list[StateDict]:
+        """``need`` checkpoints of ``task`` (checked against θ₀), or an error saying where they were sought."""
+        paths = self.candidate_paths(task)
+        if len(paths) < need:
+            where = (f"pool.candidates.{task}" if task in self.candidates else
+                     f"{self.finetuned_dir}/{self.candidates_pattern.format(task=task)}" if self.finetuned_dir else
+                     f"pool.candidates.{task}")
+            raise MissingCheckpointError(
+                f"task {task!r} needs {need} fine-tuned checkpoints (e.g. the best two by validation accuracy, "
+                f"which adamerge-finetune keeps) but {len(paths)} were found at {where}. Give them as "
+                f"pool.candidates.{task}=[a.safetensors,b.safetensors].")
+        states = []
+        for path in paths[:need]:
+            state = load_state_dict(path)
+            check_compatible(theta0, state, source=f"checkpoint of {task!r} ({path})")
+            states.append(state)
+        return states
+
+
 def embedded_checkpoint_pool(cache_dir: str, preset: str = "demo", seed: int = 0) -> CheckpointPool:
     """The pool of the embedded offline world (built and cached on first use)."""
     from adamerge.embedded.world import embedded_pool
 
+    from adamerge.embedded.world import embedded_best_checkpoints
+
     found = embedded_pool(cache_dir, preset=preset, seed=seed)
-    return CheckpointPool(pretrained=found["pretrained"], finetuned=dict(found["finetuned"]))
+    best = embedded_best_checkpoints(cache_dir, preset=preset, seed=seed)
+    return CheckpointPool(pretrained=found["pretrained"], finetuned=dict(found["finetuned"]),
+                          candidates={k: list(v) for k, v in best.items()})
