@@ -6,6 +6,7 @@ fine-tuned weights of task k, τₖ = θₖ − θ₀ its task vector, λ merge 
 
 from adamerge.merging.averaging import weight_average
 from adamerge.merging.coefficients import MergeCoefficients
+from adamerge.merging.dare import dare_drop, dare_merge, dare_task_vectors, dare_vector
 from adamerge.merging.entropy import entropy_loss
 from adamerge.merging.stacked import StackedTaskVectors
 from adamerge.merging.task_arithmetic import sum_vectors, task_arithmetic
@@ -14,6 +15,7 @@ from adamerge.merging.ties import elect_sign, ties_merge, ties_task_vectors, tie
 
 __all__ = [
     "CheckpointMismatchError", "MergeCoefficients", "StackedTaskVectors", "add_scaled", "check_compatible",
+    "dare_drop", "dare_merge", "dare_task_vectors", "dare_vector",
     "elect_sign", "entropy_loss", "mergeable_keys", "sum_vectors", "task_arithmetic", "task_vector", "ties_merge",
     "ties_task_vectors", "ties_vector", "trim_top_k", "weight_average",
 ]
