@@ -2,6 +2,10 @@
 
 θ(λ) = θ₀ + Σₖ λₖₗ τₖ for every mergeable tensor l. An ``nn.Module`` only so that ``.to(device)``
 moves the (non-persistent) buffers along; it has no trainable parameters and never enters a checkpoint.
+
+``dtype`` stores the task vectors in half precision (bf16/fp16: half the memory, e.g. ~4.9 GB instead
+of ~9.7 GB for ViT-L/14 with 8 tasks); the merge itself always runs in λ's precision (float32), even
+inside an autocast region, so small coefficient updates are never rounded away.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from adamerge.merging.ties import ties_task_vectors
 
 class StackedTaskVectors(nn.Module):
     def __init__(self, base: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, torch.Tensor]],
-                 task_names: Sequence[str] | None = None):
+                 task_names: Sequence[str] | None = None, dtype: torch.dtype | str | None = None):
         super().__init__()
         if not vectors:
             raise ValueError("need at least one task vector")
@@ -25,19 +29,22 @@ class StackedTaskVectors(nn.Module):
         self.task_names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(vectors))]
         if len(self.task_names) != len(vectors):
             raise ValueError(f"{len(vectors)} task vectors but {len(self.task_names)} task names")
+        dtype = resolve_dtype(dtype)
         for i, key in enumerate(self.keys):
             self.register_buffer(f"base_{i}", base[key].detach().clone(), persistent=False)
-            self.register_buffer(f"tv_{i}", torch.stack([v[key] for v in vectors]).detach(), persistent=False)
+            tv = torch.stack([v[key] for v in vectors]).detach()
+            self.register_buffer(f"tv_{i}", tv.to(dtype) if dtype is not None else tv, persistent=False)
 
     @classmethod
     def from_state_dicts(cls, pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
-                         task_names: Sequence[str] | None = None, ties_keep: float | None = None) -> "StackedTaskVectors":
+                         task_names: Sequence[str] | None = None, ties_keep: float | None = None,
+                         dtype: torch.dtype | str | None = None) -> "StackedTaskVectors":
         """Build from θ₀ and θ₁..θ_K; with ``ties_keep`` the vectors are TIES-trimmed first (AdaMerging++)."""
         names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(finetuned))]
         vectors = [task_vector(ft, pretrained, source=f"fine-tuned checkpoint of {n!r}") for ft, n in zip(finetuned, names)]
         if ties_keep is not None:
             vectors = ties_task_vectors(vectors, keep=ties_keep)
-        return cls({k: pretrained[k] for k in mergeable_keys(pretrained)}, vectors, names)
+        return cls({k: pretrained[k] for k in mergeable_keys(pretrained)}, vectors, names, dtype=dtype)
 
     @property
     def num_tasks(self) -> int:
@@ -61,7 +68,27 @@ class StackedTaskVectors(nn.Module):
             raise ValueError(f"coefficients of shape {tuple(lam.shape)} do not fit {self.num_tasks} tasks × "
                              f"{self.num_layers} tensors")
         merged = {}
-        for i, key in enumerate(self.keys):
-            tv = self.vector(i)
-            merged[key] = self.base(i) + torch.tensordot(lam[:, i].to(tv.dtype), tv, dims=1).to(self.base(i).dtype)
+        with torch.autocast(device_type=lam.device.type, enabled=False):
+            for i, key in enumerate(self.keys):
+                tv, base = self.vector(i), self.base(i)
+                compute = torch.promote_types(lam.dtype, tv.dtype)
+                delta = torch.tensordot(lam[:, i].to(compute), tv.to(compute), dims=1)
+                merged[key] = base + delta.to(base.dtype)
         return merged
+
+    def nbytes(self) -> int:
+        """Bytes held by the task vectors (what ``dtype`` halves)."""
+        return sum(self.vector(i).numel() * self.vector(i).element_size() for i in range(self.num_layers))
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a config string; unknown names list the valid ones."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown task-vector dtype {dtype!r}; valid: {', '.join(DTYPES)} (or null: as stored)")
+    return DTYPES[dtype]

@@ -14,6 +14,7 @@ from adamerge.adaptation.coefficient_file import load_coefficients, save_coeffic
 from adamerge.adaptation.datamodule import UnlabelledTasksDataModule
 from adamerge.adaptation.module import AdaMergingModule
 from adamerge.merging import MergeCoefficients, StackedTaskVectors
+from adamerge.merging.stacked import resolve_dtype
 from adamerge.methods.base import MergeContext, MergeResult, Method
 from adamerge.plots.coefficients import coefficient_heatmap
 
@@ -29,19 +30,20 @@ class AdaMerging(Method):
     def __init__(self, optimizer: Callable, granularity: str = "layer", init: float = 0.3,
                  clamp: tuple[float, float] | None = (0.0, 1.0), ties_keep: float | None = None,
                  batch_size: int = 16, batches_per_task: int = 1, forward_mode: str = "concat",
-                 coefficients: str | None = None, label: str | None = None):
+                 coefficients: str | None = None, label: str | None = None, vector_dtype: str | None = None):
         self.optimizer, self.granularity, self.init = optimizer, granularity, float(init)
         self.clamp = tuple(clamp) if clamp is not None else None
         self.ties_keep = float(ties_keep) if ties_keep is not None else None
         self.batch_size, self.batches_per_task, self.forward_mode = batch_size, batches_per_task, forward_mode
         self.coefficients_file = coefficients
+        self.vector_dtype = resolve_dtype(vector_dtype)  # unknown names fail here, before loading anything
         self.label = label or _LABELS[(granularity, self.ties_keep is not None)]
         MergeCoefficients(1, 1, granularity)  # validates the granularity before any expensive work
 
     def run(self, ctx: MergeContext) -> MergeResult:
         names = ctx.task_names
         stacked = StackedTaskVectors.from_state_dicts(ctx.pretrained, [ctx.finetuned[n] for n in names], names,
-                                                      ties_keep=self.ties_keep)
+                                                      ties_keep=self.ties_keep, dtype=self.vector_dtype)
         if self.coefficients_file:  # evaluate learned coefficients without training
             lam = load_coefficients(self.coefficients_file, tasks=names, layers=stacked.keys,
                                     granularity=self.granularity, ties_keep=self.ties_keep)
@@ -71,6 +73,7 @@ class AdaMerging(Method):
         heatmap = coefficient_heatmap(lam, names, stacked.keys, ctx.run_dir / "coefficients.png", title=self.label,
                                       clamp=self.clamp)
         extra = {"coefficients_file": str(path), "coefficients_plot": str(heatmap), "steps": trainer.global_step,
+                 "task_vector_bytes": stacked.nbytes(),
                  "coefficients_at_clamp": module.coefficients.at_bounds(),
                  "coefficients_total": module.coefficients.raw.numel(),
                  "lambda_mean_per_task": dict(zip(names, lam.mean(1).tolist()))}
