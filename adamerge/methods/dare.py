@@ -1,0 +1,32 @@
+"""DARE (Yu et al., ICML 2024) as a preset of the scaled merges: sparsify each τₖ, then task arithmetic or TIES."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from adamerge.merging import dare_vector
+from adamerge.merging.dare import BASE_METHODS
+from adamerge.methods.base import MergeContext, StateDict
+from adamerge.methods.scaled import _Scaled
+
+_LABELS = {"task_arithmetic": "DARE + Task Arithmetic", "ties": "DARE + TIES-Merging"}
+
+
+class Dare(_Scaled):
+    """θ = θ₀ + λ · base(DARE_p(τ₁), …, DARE_p(τ_K)); masks drawn from ``seed`` (the run's seed when null)."""
+
+    def __init__(self, p: float = 0.5, base: str = "task_arithmetic", lam: float = 0.3,
+                 lam_grid: Sequence[float] | None = None, keep: float = 0.2, merge: str = "mean",
+                 rescale: bool = True, seed: int | None = None, label: str | None = None):
+        if base not in BASE_METHODS:
+            raise ValueError(f"unknown DARE base method {base!r}; valid: {', '.join(BASE_METHODS)}")
+        if not 0.0 <= float(p) < 1.0:
+            raise ValueError(f"DARE drop rate method.p must be in [0, 1), got {p}")
+        super().__init__(lam, lam_grid)
+        self.p, self.base, self.keep, self.merge_function = float(p), base, float(keep), merge
+        self.rescale, self.seed = bool(rescale), seed
+        self.label = label or _LABELS[base]
+
+    def direction(self, ctx: MergeContext) -> StateDict:
+        seed = ctx.seed if self.seed is None else int(self.seed)
+        return dare_vector(ctx.vectors, self.p, seed, self.base, self.keep, self.merge_function, self.rescale)
