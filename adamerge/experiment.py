@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from adamerge.adaptation.distributed import raise_with_rank_failures
 from adamerge.methods.base import MergeContext
 from adamerge.models.head_cache import cached_heads
 from adamerge.plots.curves import adaptation_curves
@@ -153,7 +154,11 @@ def _run(cfg: DictConfig) -> float:
                        run_dir=run_dir, seed=cfg.seed, device=resolve_device(cfg.get("device", "auto")),
                        eval_batch_size=cfg.get("eval_batch_size", 256),
                        make_trainer=make_trainer_factory(cfg, loggers), ckpt_path=cfg.get("ckpt_path"), pool=pool)
-    result = method.run(ctx)
+    try:
+        result = method.run(ctx)
+    except Exception as err:  # in a multi-process job, surface the rank that failed first
+        raise_with_rank_failures(run_dir, err, since=started)
+        raise
     merged = time.time()
     if result.per_task is not None:
         accuracy = ctx.evaluate(result.per_task, per_task=True)
