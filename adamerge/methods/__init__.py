@@ -8,9 +8,10 @@ from adamerge.methods.adamerging import AdaMerging
 from adamerge.methods.base import MergeContext, MergeResult
 from adamerge.methods.baselines import Individual, Pretrained, WeightAveraging
 from adamerge.methods.dare import Dare
+from adamerge.methods.extrapolation import ExPO, ExtrapolationMerging
 from adamerge.methods.fisher import FisherMerging
 from adamerge.methods.regmean import RegMean
 from adamerge.methods.scaled import TaskArithmetic, Ties
 
-__all__ = ["AdaMerging", "Dare", "FisherMerging", "Individual", "MergeContext", "MergeResult", "Pretrained", "RegMean",
-           "TaskArithmetic", "Ties", "WeightAveraging"]
+__all__ = ["AdaMerging", "Dare", "ExPO", "ExtrapolationMerging", "FisherMerging", "Individual", "MergeContext",
+           "MergeResult", "Pretrained", "RegMean", "TaskArithmetic", "Ties", "WeightAveraging"]
