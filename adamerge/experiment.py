@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from adamerge.adaptation.distributed import raise_with_rank_failures
+from adamerge.evaluation.accuracy import accuracies
 from adamerge.methods.base import MergeContext
 from adamerge.models.head_cache import cached_heads
 from adamerge.plots.curves import adaptation_curves
@@ -52,7 +53,8 @@ def make_trainer_factory(cfg: DictConfig, loggers: list):
     return make_trainer
 
 
-def log_results(loggers: list, accuracy: dict[str, float], step: int, images: dict[str, str], trained: bool) -> None:
+def log_results(loggers: list, accuracy: dict[str, float], step: int, images: dict[str, str], trained: bool,
+                unseen: dict[str, float] | None = None) -> None:
     """Final per-task accuracy to every logger; to W&B also as a table and the run's figures as images.
 
     ``trained``: a Trainer ran and has already finalised (closed) the loggers.
@@ -61,6 +63,10 @@ def log_results(loggers: list, accuracy: dict[str, float], step: int, images: di
 
     metrics = {f"test_acc/{name}": value for name, value in accuracy.items()}
     metrics["test_acc/avg"] = sum(accuracy.values()) / len(accuracy)
+    for name, value in (unseen or {}).items():
+        metrics[f"unseen_acc/{name}"] = value
+    if unseen:
+        metrics["unseen_acc/avg"] = sum(unseen.values()) / len(unseen)
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             tensorboard_results(logger, metrics, step, finalize=not trained)
@@ -165,6 +171,14 @@ def _run(cfg: DictConfig) -> float:
     else:
         accuracy = ctx.evaluate(result.params)
     avg = sum(accuracy.values()) / len(accuracy)
+    unseen = list(getattr(tasks, "unseen", None) or [])
+    if unseen:  # generalisation: tasks never merged, evaluated with their own zero-shot heads
+        if result.params is None:
+            log.warning("%s keeps one model per task: it has no merged model to evaluate on unseen tasks", method.label)
+        else:
+            unseen_heads = cached_heads(backbone, unseen, cfg.paths.get("cache_dir"))
+            result.extra["unseen_accuracy"] = accuracies(backbone.visual, {t.name: result.params for t in unseen},
+                                                         unseen_heads, unseen, "test", ctx.eval_batch_size, ctx.device)
     objective = cfg.get("optimized_metric", "test")
     if objective not in ("test", "val"):
         raise ValueError(f"optimized_metric must be 'test' or 'val', got {objective!r}")
@@ -182,7 +196,7 @@ def _run(cfg: DictConfig) -> float:
                 result.extra["curves_plot"] = str(curves)
         images = {k: result.extra[f"{k}_plot"] for k in ("coefficients", "curves") if f"{k}_plot" in result.extra}
         log_results(loggers, accuracy, step=int(result.extra.get("steps", 0)), images=images,
-                    trained="steps" in result.extra)
+                    trained="steps" in result.extra, unseen=result.extra.get("unseen_accuracy"))
         extra = dict(result.extra)
         extra["seconds"] = {"load": round(loaded - started, 2), "method": round(merged - loaded, 2),
                             "evaluate": round(time.time() - merged, 2)}
@@ -192,5 +206,7 @@ def _run(cfg: DictConfig) -> float:
                              config=OmegaConf.to_container(cfg, resolve=True))
         append_record(records_dir / f"{cfg.name}.jsonl", record)
         print_row(method.label, accuracy)
+        if "unseen_accuracy" in extra:
+            print_row(f"{method.label}: unseen tasks", extra["unseen_accuracy"])
         log.info("%s: avg %.1f  (%s)", method.label, 100 * avg, extra["seconds"])
     return sum(val_accuracy.values()) / len(val_accuracy) if val_accuracy is not None else avg

@@ -131,3 +131,14 @@ def test_tensorboard_logger_for_a_method_without_training(tmp_path, embedded_cac
     (record,) = records(tmp_path, "smoke")
     events = list(Path(record["extra"]["run_dir"]).glob("tensorboard/events.out.tfevents.*"))
     assert b"test_acc/avg" in b"".join(e.read_bytes() for e in events)
+
+
+def test_generalisation_evaluates_unseen_tasks_and_tabulates_them(tmp_path, embedded_cache):
+    adamerge(["-m", "experiment=smoke", "threads=1", "method=task_arithmetic", "tasks.unseen=[digits,textures]"],
+             tmp_path, embedded_cache)
+    (record,) = records(tmp_path, "smoke")
+    assert "digits" not in record["tasks"] and "textures" not in record["tasks"]
+    unseen = record["extra"]["unseen_accuracy"]
+    assert set(unseen) == {"digits", "textures"} and all(0.0 <= v <= 1.0 for v in unseen.values())
+    table = (tmp_path / "results" / "tables" / "smoke.md").read_text()
+    assert "digits (unseen)" in table and "Avg (unseen)" in table

@@ -279,3 +279,16 @@ def test_cli_reports_errors_instead_of_a_traceback(tmp_path, capsys):
     raw.write_text("not json\n")
     assert main([str(raw)]) == 1
     assert f"{raw}:1" in capsys.readouterr().err
+
+
+def test_unseen_tasks_get_their_own_columns_after_the_average():
+    from adamerge.results.records import make_record
+    from adamerge.results.tables import build_table
+
+    recs = [make_record(experiment="g", method="ta", label="TA", model="m", seed=s, accuracy={"a": 0.5, "b": 0.7},
+                        extra={"unseen_accuracy": {"u": 0.2 + 0.1 * s}}) for s in (0, 1)]
+    table = build_table(recs, reference={"TA": {"a": 50.0, "u (unseen)": 30.0, "Avg (unseen)": 30.0}})
+    assert table.header == ["Method", "a", "b", "Avg", "u (unseen)", "Avg (unseen)"]
+    measured, paper = table.cell_texts()
+    assert measured[-2:] == ["25.0 ± 7.1", "25.0 ± 7.1"] and paper[-2:] == ["30.0", "30.0"]
+    assert "unseen:u" in table.to_csv().splitlines()[0]

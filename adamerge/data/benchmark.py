@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, random_split
 from adamerge.data.classnames import CLASSNAMES
 from adamerge.data.decode_cache import Preprocessed, cached_split
 from adamerge.data.layouts import LAYOUTS, RawSplit, open_split
-from adamerge.data.task import Task
+from adamerge.data.task import BenchmarkTasks, Task
 from adamerge.data.templates import TEMPLATES
 
 PAPER_TASKS = ["sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]  # the paper's column order
@@ -84,14 +84,6 @@ def raw_splits(task: str, data_dir: str | Path, splits: Sequence[str] = SPLITS, 
     if "test" in splits:
         out["test"] = open_split(task, data_dir, "test")
     return {s: out[s] for s in splits}
-
-
-class BenchmarkTasks(list):
-    """The tasks to merge, plus ``unseen`` tasks that are only evaluated (the generalisation experiment)."""
-
-    def __init__(self, tasks: list[Task], unseen: list[Task] | None = None):
-        super().__init__(tasks)
-        self.unseen = list(unseen or [])
 
 
 def benchmark_tasks(names: Sequence[str] | None = None, data_dir: str | Path = "data", backbone=None, *,

@@ -41,3 +41,11 @@ class TensorImages(Dataset):
 
     def __getitem__(self, i: int):
         return self.images[i], self.labels[i]
+
+
+class BenchmarkTasks(list):
+    """The tasks to merge, plus ``unseen`` tasks that are only evaluated (the generalisation experiment)."""
+
+    def __init__(self, tasks: list[Task], unseen: list[Task] | None = None):
+        super().__init__(tasks)
+        self.unseen = list(unseen or [])

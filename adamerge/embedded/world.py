@@ -22,7 +22,7 @@ import torch
 from filelock import FileLock
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from adamerge.data.task import Task, TensorImages
+from adamerge.data.task import BenchmarkTasks, Task, TensorImages
 from adamerge.embedded.captions import CaptionPool, caption_corpus
 from adamerge.embedded.digits import digit_splits
 from adamerge.embedded.presets import WORLD_VERSION, WorldPreset, get_preset
@@ -210,21 +210,28 @@ def embedded_backbone(cache_dir: str | Path, preset: str = "demo", seed: int = 0
 
 
 def embedded_tasks(cache_dir: str | Path, preset: str = "demo", seed: int = 0,
-                   names: list[str] | None = None, backbone: Backbone | None = None) -> list[Task]:
-    """The world's tasks in their fixed, paper-like order, or those in ``names``, in that order.
+                   names: list[str] | None = None, backbone: Backbone | None = None,
+                   unseen: list[str] | None = None) -> BenchmarkTasks:
+    """The world's tasks in their fixed, paper-like order, or those in ``names``, in that order;
+    ``unseen`` tasks are only evaluated, never merged (the generalisation experiment).
 
     Images are float tensors already normalised for the world's backbone (``backbone``, which real
     datasets need for their transform, is accepted and unused).
     """
-    chosen = [task_spec(n) for n in names] if names is not None else list(TASK_SPECS)  # ValueError lists valid names
+    held_out = [task_spec(n) for n in (unseen or [])]  # ValueError lists valid names
+    chosen = ([task_spec(n) for n in names] if names is not None else
+              [s for s in TASK_SPECS if s.name not in {h.name for h in held_out}])
+    overlap = sorted({s.name for s in chosen} & {h.name for h in held_out})
+    if overlap:
+        raise ValueError(f"tasks {overlap} are both merged and 'unseen'; a task is one or the other")
     world, manifest = _complete_world(cache_dir, preset, seed)
     tasks = []
-    for spec in chosen:
+    for spec in [*chosen, *held_out]:
         tensors = torch.load(world / "data" / f"{spec.name}.pt", weights_only=True)
         splits = {s: TensorImages(normalize(tensors[f"{s}_images"], manifest["mean"], manifest["std"]), tensors[f"{s}_labels"])
                   for s in SPLITS}
         tasks.append(Task(name=spec.name, classnames=list(spec.classnames), templates=list(spec.templates), splits=splits))
-    return tasks
+    return BenchmarkTasks(tasks[:len(chosen)], tasks[len(chosen):])
 
 
 def embedded_pool(cache_dir: str | Path, preset: str = "demo", seed: int = 0) -> dict:

@@ -58,19 +58,30 @@ class Row:
     avg: Cell
     n_seeds: int | None  # None for reference ("paper") rows
     is_reference: bool = False
+    unseen: dict[str, Cell] | None = None     # generalisation: tasks only evaluated, never merged
+    unseen_avg: Cell | None = None
 
 
 @dataclass(frozen=True)
 class Table:
     tasks: list[str]
     rows: list[Row]
+    unseen: tuple[str, ...] = ()   # generalisation columns, after Avg: each unseen task, then their Avg
 
     @property
     def header(self) -> list[str]:
-        return ["Method", *self.tasks, "Avg"]
+        unseen = [f"{t} (unseen)" for t in self.unseen] + (["Avg (unseen)"] if self.unseen else [])
+        return ["Method", *self.tasks, "Avg", *unseen]
+
+    def _unseen_cells(self, row: Row) -> list[Cell]:
+        if not self.unseen:
+            return []
+        cells = row.unseen or {}
+        return [cells.get(t, Cell(None)) for t in self.unseen] + [row.unseen_avg or Cell(None)]
 
     def cell_texts(self) -> list[list[str]]:
-        return [[row.label, *(row.cells[t].text() for t in self.tasks), row.avg.text()] for row in self.rows]
+        return [[row.label, *(row.cells[t].text() for t in self.tasks), row.avg.text(),
+                 *(c.text() for c in self._unseen_cells(row))] for row in self.rows]
 
     def to_markdown(self) -> str:
         """GitHub Markdown with padded columns, so the plain text reads as a table too."""
@@ -89,10 +100,13 @@ class Table:
         """Numbers in percent at full precision; empty where unknown (std with one seed, paper n_seeds)."""
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["method", *(c for t in self.tasks for c in (t, f"{t}_std")), "avg", "avg_std", "n_seeds"])
+        unseen = [*(f"unseen:{t}" for t in self.unseen), *(["unseen:avg"] if self.unseen else [])]
+        writer.writerow(["method", *(c for t in self.tasks for c in (t, f"{t}_std")), "avg", "avg_std",
+                         *(c for u in unseen for c in (u, f"{u}_std")), "n_seeds"])
         for row in self.rows:
             numbers = [v for t in self.tasks for v in (row.cells[t].mean, row.cells[t].std)]
             numbers += [row.avg.mean, row.avg.std]
+            numbers += [v for c in self._unseen_cells(row) for v in (c.mean, c.std)]
             writer.writerow([row.label, *map(_csv_number, numbers), "" if row.n_seeds is None else row.n_seeds])
         return buffer.getvalue()
 
@@ -130,19 +144,29 @@ def build_table(
 
     labels = [label for label in (row_order or []) if label in groups]
     labels += [label for label in groups if label not in labels]
+    unseen: list[str] = []
+    for record in records:
+        unseen += [t for t in (record.get("extra") or {}).get("unseen_accuracy", {}) if t not in unseen]
     rows: list[Row] = []
     for label in labels:
-        rows.append(_measured_row(label, groups[label], tasks, subset_allowed=task_order is not None))
+        rows.append(_measured_row(label, groups[label], tasks, subset_allowed=task_order is not None, unseen=unseen))
         if reference and label in reference:
-            rows.append(_reference_row(label, reference[label], tasks))
-    return Table(tasks=tasks, rows=rows)
+            rows.append(_reference_row(label, reference[label], tasks, unseen))
+    return Table(tasks=tasks, rows=rows, unseen=tuple(unseen))
 
 
-def _measured_row(label: str, group: list[Mapping[str, Any]], tasks: list[str], subset_allowed: bool) -> Row:
+def _measured_row(label: str, group: list[Mapping[str, Any]], tasks: list[str], subset_allowed: bool,
+                  unseen: Sequence[str] = ()) -> Row:
     _check_consistent(label, group, tasks, subset_allowed)
     per_task = {t: _cell([r["accuracy"][t] for r in group]) for t in tasks}
     per_run_avg = [statistics.fmean(r["accuracy"][t] for t in tasks) for r in group]
-    return Row(label=label, cells=per_task, avg=_cell(per_run_avg), n_seeds=len(group))
+    held_out = [(r.get("extra") or {}).get("unseen_accuracy") or {} for r in group]
+    unseen_cells, unseen_avg = None, None
+    if unseen and all(all(t in h for t in unseen) for h in held_out):
+        unseen_cells = {t: _cell([h[t] for h in held_out]) for t in unseen}
+        unseen_avg = _cell([statistics.fmean(h[t] for t in unseen) for h in held_out])
+    return Row(label=label, cells=per_task, avg=_cell(per_run_avg), n_seeds=len(group), unseen=unseen_cells,
+               unseen_avg=unseen_avg)
 
 
 def _check_consistent(label: str, group: list[Mapping[str, Any]], tasks: list[str], subset_allowed: bool) -> None:
@@ -174,13 +198,17 @@ def _cell(fractions: list[float]) -> Cell:
     return Cell(mean=statistics.fmean(percents), std=std)
 
 
-def _reference_row(label: str, numbers: Mapping[str, float], tasks: list[str]) -> Row:
+def _reference_row(label: str, numbers: Mapping[str, float], tasks: list[str], unseen: Sequence[str] = ()) -> Row:
+    """Paper numbers; unseen tasks' numbers are given as ``"<task> (unseen)"`` and ``"Avg (unseen)"``."""
     cells = {t: Cell(float(numbers[t]) if t in numbers else None) for t in tasks}
     avg = numbers.get("Avg", numbers.get("avg"))
     if avg is None and all(t in numbers for t in tasks):
         avg = statistics.fmean(float(numbers[t]) for t in tasks)
+    unseen_cells = {t: Cell(float(numbers[f"{t} (unseen)"]) if f"{t} (unseen)" in numbers else None) for t in unseen}
+    unseen_avg = numbers.get("Avg (unseen)")
     return Row(label=label + REFERENCE_SUFFIX, cells=cells, avg=Cell(None if avg is None else float(avg)),
-               n_seeds=None, is_reference=True)
+               n_seeds=None, is_reference=True, unseen=unseen_cells or None,
+               unseen_avg=Cell(None if unseen_avg is None else float(unseen_avg)))
 
 
 def write_tables(table: Table, out_stem: str | Path) -> tuple[Path, Path]:
