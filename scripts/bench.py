@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -298,7 +299,9 @@ def machine() -> dict:
     return info
 
 
-def benchmark(args, log=print) -> dict:
+def benchmark(args, log=print, checkpoint=lambda report: None) -> dict:
+    """Both sides, configuration by configuration; ``checkpoint(report)`` after each, so a long run leaves
+    partial tables behind."""
     import torch
 
     import adamerge  # noqa: F401  (repairs torchvision before open_clip is imported in workers)
@@ -313,7 +316,7 @@ def benchmark(args, log=print) -> dict:
     report = {"command": shlex.join([sys.executable, *sys.argv]) if args.command is None else args.command,
               "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
               "quick": args.quick, "tasks": args.tasks, "batch_size": args.batch_size, "steps": [], "merges": [],
-              "eval": [], "fusionbench": None, "profiles": {}}
+              "eval": [], "fusionbench": None, "profiles": {}, "complete": False}
     for fixture in args.fixtures:
         p = plan(args.quick, fixture)
         if fb_python:
@@ -338,7 +341,7 @@ def benchmark(args, log=print) -> dict:
                             report["fusionbench"] = {k: fb_steps[fb_method].get(k) for k in
                                                      ("fusion_bench", "torch", "transformers")}
                     log(f"[{fixture} {device} ×{threads}] adamerge {label} {mode} …")
-                    profile = args.profile and threads == 1 and mode == "concat"
+                    profile = args.profile and threads == 1 and (label, mode) == ("layer-wise", "concat")
                     spec = dict(base, kind="adamerging", granularity=gran, forward_mode=mode, warmup=p["warmup"],
                                 steps=p["steps"], profile_steps=2 if profile else 0)
                     res = ours(spec, isolate, log)
@@ -357,6 +360,7 @@ def benchmark(args, log=print) -> dict:
                         row["ratio_compute"] = row["ours_step_s"]["median"] / row["fb_compute_s"]["median"]
                         row["ratio_step"] = row["ours_step_s"]["median"] / row["fb_step_s"]["median"]
                     report["steps"].append(row)
+                    checkpoint(report)
                 log(f"[{fixture} {device} ×{threads}] merges and evaluation …")
                 res = ours(dict(base, kind="merges_eval", merge_repeats=p["merge_repeats"],
                                 eval_images=p["eval_images"] // args.tasks or 1, eval_repeats=p["eval_repeats"]),
@@ -372,8 +376,10 @@ def benchmark(args, log=print) -> dict:
                     report["merges"].append(row)
                 report["eval"].append(dict(base, images=res["eval_images"],
                                            images_per_s=summary(res["eval_images_per_s"])))
+                checkpoint(report)
     report["machine"]["load_average_end"] = os.getloadavg()
-    report["workdir"] = str(workdir)
+    report["complete"] = True
+    shutil.rmtree(workdir, ignore_errors=True)  # FusionBench's saved models: GBs for ViT-B/32
     return report
 
 
@@ -397,12 +403,13 @@ def markdown(report: dict) -> str:
              "- FusionBench side: " + (", ".join(f"{k} {v}" for k, v in report["fusionbench"].items())
                                        if report["fusionbench"] else "not run"),
              f"- Load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in m['load_average_start'])}, "
-             f"at end {tuple(round(x, 2) for x in m['load_average_end'])}"
+             f"at end {tuple(round(x, 2) for x in m.get('load_average_end', os.getloadavg()))}"
              + (" — the machine was shared with other jobs: timings are noisy upper bounds, but both sides ran "
-                "interleaved in the same run, so ratios are fair." if max(m["load_average_start"][0],
-                                                                         m["load_average_end"][0]) > 0.5 else ""),
+                "interleaved in the same run, so ratios are fair." if max(
+                    m["load_average_start"][0], m.get("load_average_end", os.getloadavg())[0]) > 0.5 else ""),
              f"- K = {report['tasks']} tasks, batch {report['batch_size']} per task"
-             + (" — QUICK smoke run, not for quoting" if report["quick"] else ""), "",
+             + (" — QUICK smoke run, not for quoting" if report["quick"] else ""),
+             *([] if report["complete"] else ["- **Partial: the run had not finished when this was written.**"]), "",
              "## AdaMerging: time per step (median over steps after warm-up)", "",
              "One step = re-merge + forward of every task + backward + Adam. adamerge: pre-decoded tensors. "
              "FusionBench: its own loop; *FB compute* = its step minus its data-loading time (per-sample PIL "
@@ -470,8 +477,9 @@ def main(argv=None) -> int:
         return 0
     args.fixtures = args.fixtures or (["tiny"] if args.quick else list(FIXTURES))
     args.threads = args.threads or ([1] if args.quick else [1, 2])
-    report = benchmark(args)
-    md, js = write(report, args.out_dir, args.notes.read_text() if args.notes else None)
+    notes = args.notes.read_text() if args.notes else None
+    report = benchmark(args, checkpoint=lambda partial: write(partial, args.out_dir, notes))
+    md, js = write(report, args.out_dir, notes)
     print(f"wrote {md} and {js}")
     return 0
 

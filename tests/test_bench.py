@@ -39,8 +39,10 @@ def test_quick_benchmark_writes_tables_with_positive_numbers(tmp_path):
         assert m["ours_s"]["median"] > 0 and m["fb_s"] is None
     (ev,) = report["eval"]
     assert ev["images"] == bench.plan(True, "tiny")["eval_images"] and ev["images_per_s"]["median"] > 0
-    # the profiler ran on extra steps of the layer-wise and task-wise concat runs
-    assert len(report["profiles"]) == 2 and all("Self CPU" in t for t in report["profiles"].values())
+    assert report["complete"]
+    # the profiler ran on extra steps of the layer-wise concat run
+    (table,) = report["profiles"].values()
+    assert "Self CPU" in table
 
     md = (tmp_path / "bench.md").read_text()
     assert md.startswith("# Benchmark: adamerge vs FusionBench")
