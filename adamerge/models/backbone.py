@@ -6,7 +6,6 @@ heads through the same code path real CLIP uses.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -46,10 +45,6 @@ class Backbone:
 
 class PretrainedWeightsUnavailable(RuntimeError):
     """Raised instead of letting a download hang on an offline machine."""
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "ADAMERGE_OFFLINE"))
 
 
 def load_open_clip(arch: str, pretrained: str | None = None, cache_dir: str | None = None,
