@@ -1,0 +1,147 @@
+"""The ``adamerge-finetune`` command: fine-tune ONE task's vision tower (Hydra over ``conf/finetune.yaml``).
+
+Writes what the merge pools read: ``<paths.checkpoint_dir>/<model>/<task>.safetensors`` (the final θₖ)
+and ``<task>/best-1|2.safetensors`` (best by validation accuracy, best first); the run folder keeps
+Lightning's resumable checkpoints. Kept free of ``@hydra.main`` below :func:`main` so tests call :func:`run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import adamerge  # noqa: F401  (torchvision repair before Hydra instantiates anything)
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from adamerge.cli import CONF_DIR
+
+log = logging.getLogger(__name__)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")
+def main(cfg: DictConfig) -> float:
+    return run(cfg)
+
+
+def run(cfg: DictConfig) -> float:
+    """Fine-tune ``cfg.task``; return the final model's validation accuracy (what a sweeper optimises)."""
+    try:
+        return _run(cfg)
+    finally:
+        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].finish()  # sequential multirun jobs must never share a W&B run
+
+
+def _print_config(cfg: DictConfig) -> None:
+    from lightning.pytorch.utilities import rank_zero_only
+    from rich import print as rprint
+    from rich.tree import Tree
+
+    if rank_zero_only.rank != 0:
+        return
+    tree = Tree("finetune config", guide_style="dim")
+    for key in ("task", "seed", "finetuned_dir", "model", "tasks", "finetune", "trainer", "logger", "paths"):
+        if key in cfg:
+            value = cfg[key]
+            text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+            tree.add(f"[bold]{key}[/bold]").add(text.rstrip())
+    rprint(tree)
+
+
+def _run(cfg: DictConfig) -> float:
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from adamerge.evaluation.accuracy import dataset_accuracy
+    from adamerge.experiment import QUIET_WARNINGS, make_loggers, resolve_device
+    from adamerge.finetuning.lightning import (VAL_METRIC, TaskDataModule, VisionTowerFinetuner, export_finetuned,
+                                               ranked_checkpoints)
+    from adamerge.models.head_cache import cached_heads
+    from adamerge.results.records import ResultsDirError, check_writable
+
+    started = time.time()
+    if OmegaConf.is_missing(cfg, "task"):
+        raise ValueError("say which task to fine-tune: adamerge-finetune task=<name> "
+                         "(several, one job each: adamerge-finetune -m task=a,b,c)")
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch").setLevel(logging.INFO if cfg.get("verbose") else logging.WARNING)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    name = str(cfg.task)
+    recipe = instantiate(cfg.finetune, _convert_="all")  # bad options fail here, before any loading
+    max_steps = int(cfg.trainer.get("max_steps", -1))
+    try:
+        epochs = recipe.epochs_for(name)
+    except KeyError:
+        if max_steps <= 0:
+            raise
+        epochs = -1  # no epoch budget: max_steps alone ends the run
+    try:
+        out_dir = check_writable(Path(cfg.finetuned_dir))  # fail before any expensive work
+    except ResultsDirError as err:
+        raise ResultsDirError(f"cannot write fine-tuned checkpoints to {cfg.finetuned_dir!r} ({err.__cause__}); "
+                              f"choose a writable folder: paths.checkpoint_dir=DIR (or $ADAMERGE_CHECKPOINTS)") from err
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # Resuming continues in the interrupted run's checkpoint folder, so ModelCheckpoint keeps its top-k.
+    ckpt_path, ckpt_dir = cfg.get("ckpt_path"), run_dir / "checkpoints"
+    if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):  # Lightning's own names stay as they are
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist; resume from an interrupted run's "
+                                    f"checkpoints/last.ckpt (outputs/finetune/<model>/<task>/<time>/checkpoints/)")
+        ckpt_dir = Path(ckpt_path).resolve().parent
+    if cfg.get("print_config", True):
+        _print_config(cfg)
+
+    backbone = instantiate(cfg.model)
+    (task,) = instantiate(cfg.tasks, backbone=backbone, names=[name])  # real datasets need its transform
+    head = cached_heads(backbone, [task], cfg.paths.get("cache_dir"))[task.name]
+    module = VisionTowerFinetuner(backbone.visual, head, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                  warmup_steps=recipe.warmup_steps, decay=recipe.decay)
+    data = TaskDataModule(task, batch_size=recipe.batch_size, num_workers=recipe.num_workers,
+                          val_batch_size=recipe.val_batch_size, seed=int(cfg.seed))
+
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}-val_acc{val_acc:.4f}",
+                                 auto_insert_metric_name=False, monitor=VAL_METRIC, mode="max",
+                                 save_top_k=recipe.keep_best, save_last=True)
+    val_schedule = ({"val_check_interval": recipe.val_every_n_steps, "check_val_every_n_epoch": None}
+                    if recipe.val_every_n_steps else {})
+    loggers = make_loggers(cfg)
+    trainer = instantiate(cfg.trainer, max_epochs=epochs, logger=loggers or False, callbacks=[checkpoint],
+                          **val_schedule)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    if not trainer.is_global_zero:
+        return float("nan")
+
+    if module.validated_at is not None and module.validated_at[0] == trainer.global_step:
+        val_accuracy = module.validated_at[1]  # the last validation saw the final weights
+    else:  # the step cap ended the run between validations
+        val_accuracy = dataset_accuracy(module.visual, module.head, task.split("val"),
+                                        batch_size=recipe.val_batch_size, device=resolve_device(cfg.get("device", "auto")))
+    best = ranked_checkpoints(checkpoint.best_k_models)
+    if len(best) < recipe.keep_best:
+        log.warning("%s: only %d validation(s) ran, so %d best checkpoint(s) instead of %d; validate more often "
+                    "(finetune.val_every_n_steps=N)", name, len(best), len(best), recipe.keep_best)
+    metadata = {"task": name, "backbone": str(cfg.model_name), "steps": int(trainer.global_step),
+                "epochs": int(trainer.current_epoch), "val_accuracy": val_accuracy, "seed": int(cfg.seed),
+                "recipe": OmegaConf.to_container(cfg.finetune, resolve=True), "run_dir": str(run_dir)}
+    written = export_finetuned(out_dir, name, module.vision_state(), metadata, best)
+    log.info("%s: %d steps, val accuracy %.1f%% (best %s) in %.0f s → %s", name, trainer.global_step,
+             100 * val_accuracy, ", ".join(f"{100 * s:.1f}%" for _, s in best), time.time() - started,
+             written["final"])
+    return val_accuracy
+
+
+if __name__ == "__main__":
+    main()
