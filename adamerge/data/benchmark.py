@@ -12,6 +12,8 @@ per dataset with the literature's class names and prompt templates and the split
 
 Images go through the backbone's ``preprocess`` (open_clip's validation transform). Splits named in
 ``cache_splits`` are decoded once and memory-mapped (:mod:`adamerge.data.decode_cache`).
+``corruption`` (AdaMerging's robustness test) corrupts the test images before the preprocess
+(:mod:`adamerge.data.corruptions`); train and val stay clean.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch.utils.data import Dataset, random_split
 
 from adamerge.data.classnames import CLASSNAMES
+from adamerge.data.corruptions import with_corruption
 from adamerge.data.decode_cache import Preprocessed, cached_split
 from adamerge.data.layouts import LAYOUTS, RawSplit, open_split
 from adamerge.data.task import BenchmarkTasks, Task
@@ -91,12 +94,15 @@ def benchmark_tasks(names: Sequence[str] | None = None, data_dir: str | Path = "
                     cache_dir: str | Path | None = None, cache_splits: Sequence[str] = ("test", "val"),
                     unseen: Sequence[str] | None = None, val_fraction: float = VAL_FRACTION,
                     max_val_samples: int | None = MAX_VAL_SAMPLES, val_seed: int = VAL_SEED,
-                    num_workers: int = 0) -> BenchmarkTasks:
+                    num_workers: int = 0, corruption: str | None = None, severity: int = 5,
+                    corruption_profile: str = "imagenet-c") -> BenchmarkTasks:
     """The benchmark tasks ``names`` (default: all eight, paper order) read from ``data_dir``.
 
     ``preprocess`` defaults to ``backbone.preprocess``. ``cache_dir=None`` decodes images on every
     access (no cache). ``unseen`` tasks are built the same way and returned as ``.unseen``.
     Missing data raises :class:`~adamerge.data.errors.DatasetNotFoundError` with the fix command.
+    ``corruption`` (``None`` / ``"clean"`` or a name in :data:`~adamerge.data.corruptions.CORRUPTIONS`)
+    at ``severity`` 1–5 applies to the test split only; it is part of the transform, so of the cache key.
     """
     if preprocess is None:
         if backbone is None:
@@ -104,6 +110,7 @@ def benchmark_tasks(names: Sequence[str] | None = None, data_dir: str | Path = "
         preprocess = backbone.preprocess
     chosen = [task_name(n) for n in (PAPER_TASKS if names is None else names)]
     held_out = [task_name(n) for n in (unseen or [])]
+    test_preprocess = with_corruption(preprocess, corruption, severity, profile=corruption_profile)
     overlap = sorted(set(chosen) & set(held_out))
     if overlap:
         raise ValueError(f"tasks {overlap} are both merged and 'unseen'; a task is one or the other")
@@ -113,11 +120,12 @@ def benchmark_tasks(names: Sequence[str] | None = None, data_dir: str | Path = "
                          val_seed=val_seed)
         datasets: dict[str, Dataset] = {}
         for split, stored in raw.items():
+            transform = test_preprocess if split == "test" else preprocess
             if cache_dir is not None and split in cache_splits:
-                datasets[split] = cached_split(stored, preprocess, cache_dir, f"{task}-{split}", root=data_dir,
+                datasets[split] = cached_split(stored, transform, cache_dir, f"{task}-{split}", root=data_dir,
                                                num_workers=num_workers)
             else:
-                datasets[split] = Preprocessed(stored.dataset, preprocess)
+                datasets[split] = Preprocessed(stored.dataset, transform)
         return Task(name=task, classnames=list(CLASSNAMES[task]), templates=list(TEMPLATES[task]), splits=datasets)
 
     return BenchmarkTasks([build(t) for t in chosen], [build(t) for t in held_out])
