@@ -128,6 +128,14 @@ def test_task_vectors_recipe_has_the_published_budgets():
         recipe.epochs_for("imagenet")
 
 
+def test_every_paper_task_has_a_budget_in_the_task_vectors_recipe():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("finetune", overrides=["model=vit_b32", "tasks=paper8", "finetune=task_vectors", "task=sun397"])
+    recipe = instantiate(cfg.finetune, _convert_="all")
+    assert {t: recipe.epochs_for(t) for t in cfg.tasks.names} == {
+        "sun397": 14, "cars": 35, "resisc45": 15, "eurosat": 12, "svhn": 4, "gtsrb": 11, "mnist": 5, "dtd": 76}
+
+
 @pytest.mark.parametrize("trainer", ["default", "cpu", "gpu", "ddp"])
 def test_every_trainer_preset_keeps_validation_and_the_recipe_budget(trainer):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
