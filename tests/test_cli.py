@@ -142,3 +142,12 @@ def test_generalisation_evaluates_unseen_tasks_and_tabulates_them(tmp_path, embe
     assert set(unseen) == {"digits", "textures"} and all(0.0 <= v <= 1.0 for v in unseen.values())
     table = (tmp_path / "results" / "tables" / "smoke.md").read_text()
     assert "digits (unseen)" in table and "Avg (unseen)" in table
+
+
+def test_sweep_over_experiment_names_writes_one_table_per_name(tmp_path, embedded_cache):
+    adamerge(["-m", "experiment=smoke", "threads=1", "method=pretrained,weight_averaging", "seed=0,1",
+              "name=smoke_s${seed}", "reference={Pretrained: {scenes: 12.5}}"], tmp_path, embedded_cache)
+    for seed in (0, 1):
+        table = (tmp_path / "results" / "tables" / f"smoke_s{seed}.md").read_text()
+        assert "Pretrained" in table and "Weight Averaging" in table and "| Pretrained (paper)" in table
+        assert len(records(tmp_path, f"smoke_s{seed}")) == 2
