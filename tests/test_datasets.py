@@ -501,3 +501,13 @@ def test_paper8_config_instantiates_through_hydra(tmp_path, tiny_backbone):
     tasks = instantiate(cfg.tasks, backbone=tiny_backbone)  # as experiment.py does
     assert [t.name for t in tasks] == ["eurosat"] and [t.name for t in tasks.unseen] == ["mnist"]
     assert isinstance(tasks[0].split("test"), TensorImages) and len(tasks[0].split("test")) == 20
+
+
+def test_train_split_uses_the_training_transform_and_val_test_do_not(tmp_path, tiny_backbone):
+    make_eurosat(tmp_path)
+    assert tiny_backbone.preprocess_train is not None
+    task = _load("eurosat", tmp_path, tiny_backbone, cache_dir=None)
+    assert task.split("train").transform is tiny_backbone.preprocess_train
+    assert task.split("val").transform is tiny_backbone.preprocess
+    plain = _load("eurosat", tmp_path, tiny_backbone, cache_dir=None, train_augmentation=False)
+    assert plain.split("train").transform is tiny_backbone.preprocess

@@ -91,6 +91,7 @@ def raw_splits(task: str, data_dir: str | Path, splits: Sequence[str] = SPLITS, 
 
 def benchmark_tasks(names: Sequence[str] | None = None, data_dir: str | Path = "data", backbone=None, *,
                     preprocess: Callable | None = None, splits: Sequence[str] = SPLITS,
+                    train_augmentation: bool = True,
                     cache_dir: str | Path | None = None, cache_splits: Sequence[str] = ("test", "val"),
                     unseen: Sequence[str] | None = None, val_fraction: float = VAL_FRACTION,
                     max_val_samples: int | None = MAX_VAL_SAMPLES, val_seed: int = VAL_SEED,
@@ -99,7 +100,8 @@ def benchmark_tasks(names: Sequence[str] | None = None, data_dir: str | Path = "
     """The benchmark tasks ``names`` (default: all eight, paper order) read from ``data_dir``.
 
     ``preprocess`` defaults to ``backbone.preprocess``. ``cache_dir=None`` decodes images on every
-    access (no cache). ``unseen`` tasks are built the same way and returned as ``.unseen``.
+    access (no cache). ``train_augmentation``: the train split uses the backbone's training transform
+    (``backbone.preprocess_train``) when it has one. ``unseen`` tasks are built the same way and returned as ``.unseen``.
     Missing data raises :class:`~adamerge.data.errors.DatasetNotFoundError` with the fix command.
     ``corruption`` (``None`` / ``"clean"`` or a name in :data:`~adamerge.data.corruptions.CORRUPTIONS`)
     at ``severity`` 1–5 applies to the test split only; it is part of the transform, so of the cache key.
@@ -108,6 +110,8 @@ def benchmark_tasks(names: Sequence[str] | None = None, data_dir: str | Path = "
         if backbone is None:
             raise ValueError("benchmark tasks need the backbone's image transform: pass backbone= or preprocess=")
         preprocess = backbone.preprocess
+    # Fine-tuning sees open_clip's training transform (random resized crop), as task_vectors fine-tunes.
+    train_preprocess = (getattr(backbone, "preprocess_train", None) if train_augmentation else None) or preprocess
     chosen = [task_name(n) for n in (PAPER_TASKS if names is None else names)]
     held_out = [task_name(n) for n in (unseen or [])]
     test_preprocess = with_corruption(preprocess, corruption, severity, profile=corruption_profile)
@@ -120,7 +124,7 @@ def benchmark_tasks(names: Sequence[str] | None = None, data_dir: str | Path = "
                          val_seed=val_seed)
         datasets: dict[str, Dataset] = {}
         for split, stored in raw.items():
-            transform = test_preprocess if split == "test" else preprocess
+            transform = {"test": test_preprocess, "train": train_preprocess}.get(split, preprocess)
             if cache_dir is not None and split in cache_splits:
                 datasets[split] = cached_split(stored, transform, cache_dir, f"{task}-{split}", root=data_dir,
                                                num_workers=num_workers)

@@ -32,6 +32,7 @@ class Backbone:
     clip: open_clip.CLIP
     tokenizer: Callable[[list[str]], torch.Tensor]
     preprocess: Callable  # PIL image -> tensor, open_clip's validation transform
+    preprocess_train: Callable | None = None  # open_clip's training transform (random resized crop), for fine-tuning
 
     @property
     def visual(self) -> torch.nn.Module:
@@ -61,7 +62,7 @@ def load_open_clip(arch: str, pretrained: str | None = None, cache_dir: str | No
         raise ValueError(f"unknown open_clip architecture {arch!r}; known: {', '.join(known)}")
     source = weights if weights is not None else pretrained
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
+        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=source, cache_dir=cache_dir)
     except Exception as err:  # open_clip raises several types for "could not fetch"
         if pretrained and weights is None:
@@ -75,4 +76,5 @@ def load_open_clip(arch: str, pretrained: str | None = None, cache_dir: str | No
             ) from err
         raise
     model.eval().requires_grad_(False)
-    return Backbone(name=arch, clip=model, tokenizer=open_clip.get_tokenizer(arch), preprocess=preprocess)
+    return Backbone(name=arch, clip=model, tokenizer=open_clip.get_tokenizer(arch), preprocess=preprocess,
+                    preprocess_train=preprocess_train)
