@@ -206,3 +206,20 @@ def test_integer_buffers_are_untouched():
     merged = task_arithmetic(theta0, [task_vector(f, theta0) for f in ft], lam=0.5)
     assert torch.equal(merged["steps"], torch.tensor([5]))
     assert torch.equal(merged["w"], torch.full((2,), 0.5))
+
+
+def test_fused_merge_equals_the_naive_loop_in_value_and_gradient(tiny_models):
+    theta0, ft = tiny_models
+    vectors = vectors_of(theta0, ft)
+    stacked = StackedTaskVectors.from_state_dicts(theta0, ft)
+    lam = torch.rand(len(ft), stacked.num_layers, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    fused = stacked.merge(lam)
+    naive = {}
+    for layer, key in enumerate(stacked.keys):  # θ₀ˡ + Σₖ λₖˡ τₖˡ, one tensor and one task at a time
+        naive[key] = theta0[key] + sum(lam[k, layer] * vectors[k][key] for k in range(len(ft)))
+    for key in stacked.keys:
+        torch.testing.assert_close(fused[key], naive[key], atol=1e-6, rtol=0)
+    weights = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for i, (k, v) in enumerate(naive.items())}
+    (grad_fused,) = torch.autograd.grad(sum((fused[k] * w).sum() for k, w in weights.items()), lam)
+    (grad_naive,) = torch.autograd.grad(sum((naive[k] * w).sum() for k, w in weights.items()), lam)
+    torch.testing.assert_close(grad_fused, grad_naive, atol=1e-4, rtol=1e-5)
