@@ -12,7 +12,7 @@ from adamerge.data.task import Task, TensorImages
 from adamerge.models.heads import logits
 
 
-def _batches(dataset: Dataset, batch_size: int):
+def batches(dataset: Dataset, batch_size: int):
     if isinstance(dataset, TensorImages):  # decoded once: slice, don't collate sample by sample
         for i in range(0, len(dataset), batch_size):
             yield dataset.images[i:i + batch_size], dataset.labels[i:i + batch_size]
@@ -32,7 +32,7 @@ def dataset_accuracy(visual: torch.nn.Module, head: torch.Tensor, dataset: Datas
     params = {k: v.to(device) for k, v in params.items()} if params is not None else None
     head = head.to(device)
     correct = total = 0
-    for images, labels in _batches(dataset, batch_size):
+    for images, labels in batches(dataset, batch_size):
         images = images.to(device)
         feats = functional_call(visual, params, (images,)) if params is not None else visual(images)
         correct += int((logits(feats, head).argmax(-1).cpu() == torch.as_tensor(labels)).sum())

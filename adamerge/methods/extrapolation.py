@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import torch
 from torch.func import functional_call
 
-from adamerge.evaluation.accuracy import _batches, accuracy
+from adamerge.evaluation.accuracy import batches, accuracy
 from adamerge.merging import entropy_loss
 from adamerge.merging.extrapolation import expo, extrapolation_merge
 from adamerge.methods.base import MergeContext, MergeResult, Method, StateDict
@@ -36,7 +36,7 @@ def mean_entropy(visual: torch.nn.Module, params: Mapping[str, torch.Tensor], he
     params = {k: v.to(device) for k, v in params.items()}
     head = head.to(device)
     total, count = 0.0, 0
-    for images, _ in _batches(dataset, batch_size):
+    for images, _ in batches(dataset, batch_size):
         out = logits(functional_call(visual, params, (images.to(device),)), head)
         total += float(entropy_loss(out)) * len(images)
         count += len(images)
