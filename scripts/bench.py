@@ -67,7 +67,11 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 
 def reset_peak_rss() -> None:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0), so the next peak is this section's."""
+    """Return freed heap pages to the OS (else the loop silently reuses them and its RSS delta reads ~0),
+    then reset VmHWM to the current RSS (Linux ≥ 4.0), so the next peak is this section's."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
@@ -152,8 +156,8 @@ def _step_timer_class():
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 0:  # the loop starts here: its peak memory is measured from now on
-                self._start_mb = rss_mb()
                 reset_peak_rss()
+                self._start_mb = rss_mb()
                 if self.cuda:
                     self._start_cuda = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
@@ -274,7 +278,9 @@ def theirs(python: str, args: list[str], workdir: Path, threads: int, log) -> di
     # cwd=workdir: FusionBench caches zero-shot heads under ./outputs of the directory it starts in
     done = subprocess.run(cmd, env=_env(threads), cwd=workdir, capture_output=True, text=True)
     if done.returncode != 0:
-        log(f"FusionBench driver failed ({shlex.join(cmd)}):\n{done.stderr[-3000:]}")
+        why = " — killed, most likely out of memory" if done.returncode == -9 else ""
+        log(f"FusionBench driver failed with exit code {done.returncode}{why} ({shlex.join(cmd)}):\n"
+            f"{done.stderr[-3000:]}")
         return None
     return json.loads(out.read_text())
 
