@@ -127,8 +127,10 @@ class AdaMergingModule(L.LightningModule):
     def _guard(self, loss: torch.Tensor) -> None:
         """Stop at the first non-finite loss, λ or gradient, saving the last coefficients that were finite."""
         grad = self.coefficients.raw.grad
-        finite = (bool(torch.isfinite(loss)) and bool(torch.isfinite(self.coefficients.raw).all())
-                  and (grad is None or bool(torch.isfinite(grad).all())))
+        checks = torch.isfinite(loss).all() & torch.isfinite(self.coefficients.raw).all()
+        if grad is not None:
+            checks = checks & torch.isfinite(grad).all()
+        finite = bool(checks)  # one host sync per step, not three (it stalls a GPU's queue)
         if finite:
             self._last_good = self.coefficients.raw.detach().clone()
             return
