@@ -162,3 +162,91 @@ def test_finetuning_moves_only_the_vision_tower():
     assert "conv1.weight" in changed and len(changed) > len(result.state_dict) // 2
     assert len(result.best) == 2 and result.best[0].val_accuracy >= result.best[1].val_accuracy
     assert [s for s, _ in result.val_history] == [2, 4, 6]
+
+
+def _caption_batches(size: int):
+    """Random pictures captioned by four colour words: enough for a few contrastive steps."""
+    words = ["red", "green", "blue", "yellow"]
+
+    def batches(n: int):
+        captions = [f"a {words[i % 4]} thing." for i in range(n)]
+        return torch.randn(n, 3, size, size), captions, captions
+    return [f"a {w} thing." for w in words], batches
+
+
+def test_pretraining_holds_a_fixed_logit_scale_when_asked():
+    from adamerge.embedded.pretraining import PretrainConfig, pretrain_clip
+
+    torch.manual_seed(0)
+    backbone = load_open_clip("adamerge-tiny")
+    vocabulary, batches = _caption_batches(backbone.image_size)
+    before = {k: v.clone() for k, v in backbone.clip.state_dict().items()}
+    stats = pretrain_clip(backbone.clip, backbone.tokenizer, vocabulary, batches,
+                          PretrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=1,
+                                         logit_scale=100.0, learn_logit_scale=False))
+    assert backbone.clip.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-5)
+    assert stats["logit_scale"] == pytest.approx(100.0, rel=1e-5)
+    assert not torch.equal(before["visual.conv1.weight"], backbone.clip.visual.conv1.weight)  # the towers still train
+    head = zero_shot_head(backbone, ["red", "blue"], ["a {} thing."])
+    assert head.norm(dim=1).tolist() == pytest.approx([100.0, 100.0], rel=1e-4)  # heads carry the fixed scale
+
+    default = load_open_clip("adamerge-tiny")
+    initial = default.clip.logit_scale.item()
+    pretrain_clip(default.clip, default.tokenizer, vocabulary, batches,
+                  PretrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=1))
+    assert default.clip.logit_scale.item() != initial  # default: CLIP's learnt temperature, as in `demo`
+
+    with pytest.raises(ValueError, match="logit_scale"):
+        pretrain_clip(default.clip, default.tokenizer, vocabulary, batches,
+                      PretrainConfig(steps=1, batch_size=8, logit_scale=1000.0))
+
+
+def test_demo100_differs_from_demo_only_in_the_temperature():
+    from dataclasses import replace
+
+    from adamerge.embedded.presets import PRESETS
+
+    demo, demo100 = PRESETS["demo"], PRESETS["demo100"]
+    assert demo.pretrain.logit_scale is None and demo.pretrain.learn_logit_scale  # the default world is untouched
+    assert demo100.pretrain.logit_scale == 100.0 and not demo100.pretrain.learn_logit_scale
+    assert replace(demo100, name="demo", pretrain=replace(demo100.pretrain, logit_scale=None,
+                                                          learn_logit_scale=True)) == demo
+
+
+def test_world_built_with_a_fixed_logit_scale_keeps_it(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from adamerge.embedded import presets
+
+    tiny = presets.PRESETS["tiny"]
+    quick = replace(tiny, name="tiny100", split_sizes={"train": 64, "val": 32, "test": 32}, pool_size=256,
+                    pretrain=replace(tiny.pretrain, steps=10, logit_scale=100.0, learn_logit_scale=False),
+                    finetune=replace(tiny.finetune, steps=4, eval_every=2))
+    monkeypatch.setitem(presets.PRESETS, "tiny100", quick)
+    world = build_world(tmp_path, preset="tiny100", seed=0)
+    assert read_manifest(world)["pretraining"]["logit_scale"] == pytest.approx(100.0, rel=1e-5)
+    clip = load_state_dict(world / "clip.safetensors")
+    assert clip["logit_scale"].exp().item() == pytest.approx(100.0, rel=1e-5)
+    backbone = embedded_backbone(tmp_path, preset="tiny100", seed=0)
+    assert backbone.clip.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-5)
+
+
+def test_final_logit_scale_keeps_the_zero_shot_argmax():
+    from adamerge.embedded.pretraining import PretrainConfig, pretrain_clip
+
+    runs = {}
+    for final in (None, 100.0):
+        torch.manual_seed(0)
+        backbone = load_open_clip("adamerge-tiny")
+        vocabulary, batches = _caption_batches(backbone.image_size)
+        stats = pretrain_clip(backbone.clip, backbone.tokenizer, vocabulary, batches,
+                              PretrainConfig(steps=3, batch_size=8, lr=1e-3, warmup_steps=1, final_logit_scale=final))
+        runs[final] = (backbone, stats)
+    (plain, _), (rescaled, stats) = runs[None], runs[100.0]
+    assert plain.clip.logit_scale.exp().item() < 20 and stats["logit_scale"] == pytest.approx(100.0, rel=1e-5)
+    same = {k: v for k, v in rescaled.clip.state_dict().items() if k != "logit_scale"}
+    assert all(torch.equal(v, plain.clip.state_dict()[k]) for k, v in same.items())  # training itself unchanged
+    images = torch.randn(16, 3, plain.image_size, plain.image_size)
+    heads = [zero_shot_head(b, ["red", "green", "blue"], ["a {} thing."]) for b in (plain, rescaled)]
+    a, b = (torch.nn.functional.normalize(m.visual(images), dim=-1) @ h.T for m, h in zip((plain, rescaled), heads))
+    assert torch.equal(a.argmax(1), b.argmax(1)) and b.abs().max() > a.abs().max()

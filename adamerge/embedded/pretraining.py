@@ -30,6 +30,13 @@ class PretrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 50
     seed: int = 0
+    # Opt-in temperature control (None: CLIP's learnt logit scale, as in the ``demo`` world). The short
+    # pre-training leaves the learnt scale near 16, not real CLIP's 100, so predictions stay soft:
+    # ``logit_scale`` starts the scale there, ``learn_logit_scale=False`` holds it fixed throughout, and
+    # ``final_logit_scale`` sets it once training ends (zero-shot argmax unchanged, predictions sharper).
+    logit_scale: float | None = None
+    learn_logit_scale: bool = True
+    final_logit_scale: float | None = None
 
 
 class CompactEmbedding(torch.nn.Module):
@@ -105,6 +112,14 @@ def pretrain_clip(clip: torch.nn.Module, tokenizer: Callable, vocabulary: list[s
     """
     torch.manual_seed(config.seed)
     clip.train().requires_grad_(True)
+    for field_name in ("logit_scale", "final_logit_scale"):
+        value = getattr(config, field_name)
+        if value is not None and not 0 < value <= math.exp(MAX_LOGIT_SCALE):
+            raise ValueError(f"PretrainConfig.{field_name}={value} must lie in (0, 100], CLIP's clamp")
+    if config.logit_scale is not None:
+        with torch.no_grad():
+            clip.logit_scale.fill_(math.log(config.logit_scale))
+    clip.logit_scale.requires_grad_(config.learn_logit_scale)
     full_embedding = clip.token_embedding
     compact = CompactEmbedding(full_embedding, tokenizer(vocabulary).flatten())
     clip.token_embedding = compact
@@ -131,6 +146,10 @@ def pretrain_clip(clip: torch.nn.Module, tokenizer: Callable, vocabulary: list[s
         compact.write_back(full_embedding)
         clip.token_embedding = full_embedding
         clip.eval().requires_grad_(False)
+    if config.final_logit_scale is not None:
+        log.info("logit scale %.1f learnt, set to %.1f", clip.logit_scale.exp().item(), config.final_logit_scale)
+        with torch.no_grad():
+            clip.logit_scale.fill_(math.log(config.final_logit_scale))
     tail = losses[-max(1, len(losses) // 10):]
     return {"steps": config.steps, "batch_size": config.batch_size, "first_loss": losses[0] if losses else None,
             "final_loss": sum(tail) / len(tail) if tail else None, "distinct_captions": len(tokens.rows),
