@@ -37,6 +37,18 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def rescale_heads(heads: dict[str, torch.Tensor], backbone, scale: float | None) -> dict[str, torch.Tensor]:
+    """Heads carry the model's logit scale; ``scale`` replaces it (argmax unchanged, softmax temperature not).
+
+    Entropy-based methods (AdaMerging) and Fisher read the temperature: a small CLIP whose learned scale
+    stayed far below real CLIP's 100 gives soft predictions, for which low entropy says little.
+    """
+    if scale is None:
+        return heads
+    current = float(backbone.clip.logit_scale.exp())
+    return {name: head * (float(scale) / current) for name, head in heads.items()}
+
+
 def make_loggers(cfg: DictConfig) -> list:
     """The configured Lightning loggers, each given the resolved config as hyperparameters."""
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
@@ -152,7 +164,7 @@ def _run(cfg: DictConfig) -> float:
     pool = instantiate(cfg.pool)
     names = [t.name for t in tasks]
     theta0, finetuned = pool.load(names, backbone.visual)
-    heads = cached_heads(backbone, tasks, cfg.paths.get("cache_dir"))
+    heads = rescale_heads(cached_heads(backbone, tasks, cfg.paths.get("cache_dir")), backbone, cfg.get("head_logit_scale"))
     loaded = time.time()
 
     loggers = make_loggers(cfg)  # Lightning loggers write on rank zero only
@@ -176,7 +188,8 @@ def _run(cfg: DictConfig) -> float:
         if result.params is None:
             log.warning("%s keeps one model per task: it has no merged model to evaluate on unseen tasks", method.label)
         else:
-            unseen_heads = cached_heads(backbone, unseen, cfg.paths.get("cache_dir"))
+            unseen_heads = rescale_heads(cached_heads(backbone, unseen, cfg.paths.get("cache_dir")), backbone,
+                                         cfg.get("head_logit_scale"))
             result.extra["unseen_accuracy"] = accuracies(backbone.visual, {t.name: result.params for t in unseen},
                                                          unseen_heads, unseen, "test", ctx.eval_batch_size, ctx.device)
     objective = cfg.get("optimized_metric", "test")

@@ -86,3 +86,15 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tiny_models, tmp_path):
     _, ft = tiny_models
     save_state_dict(tmp_path / "x.safetensors", ft[0], metadata={"task": "x", "step": 3})
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_head_logit_scale_changes_the_temperature_not_the_prediction(tiny_backbone):
+    from adamerge.experiment import rescale_heads
+
+    heads = {"a": torch.randn(5, 32, generator=torch.Generator().manual_seed(0))}
+    assert rescale_heads(heads, tiny_backbone, None) is heads
+    scaled = rescale_heads(heads, tiny_backbone, 100.0)
+    current = float(tiny_backbone.clip.logit_scale.exp())
+    torch.testing.assert_close(scaled["a"], heads["a"] * (100.0 / current))
+    feats = torch.nn.functional.normalize(torch.randn(7, 32), dim=-1)
+    assert torch.equal((feats @ scaled["a"].T).argmax(-1), (feats @ heads["a"].T).argmax(-1))
