@@ -17,7 +17,7 @@ build 91 s) zero-shot 59.3, TA tuned 59.3 (λ* = 0), weight averaging 56.0, AdaM
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from adamerge.embedded.pretraining import PretrainConfig
 from adamerge.finetuning import FinetuneConfig
@@ -36,44 +36,27 @@ class WorldPreset:
     finetune_steps: dict[str, int] = field(default_factory=dict)  # per-task overrides of finetune.steps
 
 
+_DEMO = WorldPreset(
+    name="demo",
+    arch="adamerge-demo",
+    split_sizes={"train": 3000, "val": 200, "test": 400},
+    pool_size=40_000,
+    pretrain=PretrainConfig(steps=1000, batch_size=128, lr=5e-4, weight_decay=0.1, warmup_steps=50),
+    finetune=FinetuneConfig(steps=250, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_steps=25,
+                            eval_every=50, keep_best=2),
+    finetune_steps={"shapes": 500, "sizes": 450, "counting": 300},
+)
+
 PRESETS: dict[str, WorldPreset] = {
-    "demo": WorldPreset(
-        name="demo",
-        arch="adamerge-demo",
-        split_sizes={"train": 3000, "val": 200, "test": 400},
-        pool_size=40_000,
-        pretrain=PretrainConfig(steps=1000, batch_size=128, lr=5e-4, weight_decay=0.1, warmup_steps=50),
-        finetune=FinetuneConfig(steps=250, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_steps=25,
-                                eval_every=50, keep_best=2),
-        finetune_steps={"shapes": 500, "sizes": 450, "counting": 300},
-    ),
+    "demo": _DEMO,
     # Experimental, opt-in: ``demo`` with CLIP's temperature — logit scale held at 100 through
     # pre-training (``demo`` learns it and ends near 16), so zero-shot heads, fine-tuning and
     # AdaMerging's entropy all see CLIP-like sharp predictions.
-    "demo100": WorldPreset(
-        name="demo100",
-        arch="adamerge-demo",
-        split_sizes={"train": 3000, "val": 200, "test": 400},
-        pool_size=40_000,
-        pretrain=PretrainConfig(steps=1000, batch_size=128, lr=5e-4, weight_decay=0.1, warmup_steps=50,
-                                logit_scale=100.0, learn_logit_scale=False),
-        finetune=FinetuneConfig(steps=250, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_steps=25,
-                                eval_every=50, keep_best=2),
-        finetune_steps={"shapes": 500, "sizes": 450, "counting": 300},
-    ),
+    "demo100": replace(_DEMO, name="demo100",
+                       pretrain=replace(_DEMO.pretrain, logit_scale=100.0, learn_logit_scale=False)),
     # Experimental, opt-in: ``demo``'s pre-training unchanged (learnt scale, ends near 16), then the
     # scale set to CLIP's 100 before heads are built: same zero-shot argmax, sharper fine-tuning and entropy.
-    "demo100post": WorldPreset(
-        name="demo100post",
-        arch="adamerge-demo",
-        split_sizes={"train": 3000, "val": 200, "test": 400},
-        pool_size=40_000,
-        pretrain=PretrainConfig(steps=1000, batch_size=128, lr=5e-4, weight_decay=0.1, warmup_steps=50,
-                                final_logit_scale=100.0),
-        finetune=FinetuneConfig(steps=250, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_steps=25,
-                                eval_every=50, keep_best=2),
-        finetune_steps={"shapes": 500, "sizes": 450, "counting": 300},
-    ),
+    "demo100post": replace(_DEMO, name="demo100post", pretrain=replace(_DEMO.pretrain, final_logit_scale=100.0)),
     "tiny": WorldPreset(
         name="tiny",
         arch="adamerge-tiny",
