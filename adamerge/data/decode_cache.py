@@ -119,18 +119,12 @@ class DecodedImages:
         self.__init__(state["path"], state["finish"])
 
 
-class _Stored(Dataset):
+class _Stored(Preprocessed):
     """``(np.ndarray, label)``: what goes into the cache for each image."""
 
-    def __init__(self, dataset: Dataset, transform: Callable):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
     def __getitem__(self, i: int):
-        image, label = self.dataset[i]
-        return np.asarray(self.transform(image)), int(label)
+        image, label = super().__getitem__(i)
+        return np.asarray(image), int(label)
 
 
 def _collate(items):
