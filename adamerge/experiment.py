@@ -105,13 +105,16 @@ def tensorboard_results(logger, metrics: dict[str, float], step: int, finalize: 
     writer.close()
 
 
+RUN_KEYS = ("name", "seed", "model", "tasks", "pool", "method", "optimizer", "trainer", "logger", "paths")
+
+
 @rank_zero_only
-def print_config(cfg: DictConfig) -> None:
+def print_config(cfg: DictConfig, keys=RUN_KEYS, title: str = "config") -> None:
     from rich import print as rprint
     from rich.tree import Tree
 
-    tree = Tree("config", guide_style="dim")
-    for key in ("name", "seed", "model", "tasks", "pool", "method", "optimizer", "trainer", "logger", "paths"):
+    tree = Tree(title, guide_style="dim")
+    for key in keys:
         if key in cfg:
             value = cfg[key]
             text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
@@ -137,10 +140,15 @@ def run(cfg: DictConfig) -> float:
     try:
         return _run(cfg)
     finally:
-        import sys
+        finish_wandb()
 
-        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-            sys.modules["wandb"].finish()  # sequential multirun jobs must never share a W&B run
+
+def finish_wandb() -> None:
+    """Close the W&B run if one is open: sequential multirun jobs must never share a W&B run."""
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
 
 
 def _run(cfg: DictConfig) -> float:

@@ -8,7 +8,6 @@ Lightning's resumable checkpoints. Kept free of ``@hydra.main`` below :func:`mai
 from __future__ import annotations
 
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from adamerge.cli import CONF_DIR
 
 log = logging.getLogger(__name__)
+FINETUNE_KEYS = ("task", "seed", "finetuned_dir", "model", "tasks", "finetune", "trainer", "logger", "paths")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")
@@ -29,27 +29,12 @@ def main(cfg: DictConfig) -> float:
 
 def run(cfg: DictConfig) -> float:
     """Fine-tune ``cfg.task``; return the final model's validation accuracy (what a sweeper optimises)."""
+    from adamerge.experiment import finish_wandb
+
     try:
         return _run(cfg)
     finally:
-        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-            sys.modules["wandb"].finish()  # sequential multirun jobs must never share a W&B run
-
-
-def _print_config(cfg: DictConfig) -> None:
-    from lightning.pytorch.utilities import rank_zero_only
-    from rich import print as rprint
-    from rich.tree import Tree
-
-    if rank_zero_only.rank != 0:
-        return
-    tree = Tree("finetune config", guide_style="dim")
-    for key in ("task", "seed", "finetuned_dir", "model", "tasks", "finetune", "trainer", "logger", "paths"):
-        if key in cfg:
-            value = cfg[key]
-            text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
-            tree.add(f"[bold]{key}[/bold]").add(text.rstrip())
-    rprint(tree)
+        finish_wandb()
 
 
 def _run(cfg: DictConfig) -> float:
@@ -59,7 +44,7 @@ def _run(cfg: DictConfig) -> float:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from adamerge.evaluation.accuracy import dataset_accuracy
-    from adamerge.experiment import QUIET_WARNINGS, make_loggers, resolve_device
+    from adamerge.experiment import QUIET_WARNINGS, make_loggers, print_config, resolve_device
     from adamerge.finetuning.lightning import (VAL_METRIC, TaskDataModule, VisionTowerFinetuner, export_finetuned,
                                                ranked_checkpoints)
     from adamerge.models.head_cache import cached_heads
@@ -101,7 +86,7 @@ def _run(cfg: DictConfig) -> float:
                                     f"checkpoints/last.ckpt (outputs/finetune/<model>/<task>/<time>/checkpoints/)")
         ckpt_dir = Path(ckpt_path).resolve().parent
     if cfg.get("print_config", True):
-        _print_config(cfg)
+        print_config(cfg, keys=FINETUNE_KEYS, title="finetune config")
 
     backbone = instantiate(cfg.model)
     (task,) = instantiate(cfg.tasks, backbone=backbone, names=[name])  # real datasets need its transform
