@@ -105,7 +105,7 @@ class AdaMergingModule(L.LightningModule):
         if trainer is None:
             return False
         every = max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
-        return (self.global_step + 1) % every == 0 or self.global_step == 0
+        return (self.global_step + 1) % every == 0
 
     def training_step(self, batch, batch_idx):
         if isinstance(batch, tuple):  # CombinedLoader yields (batch, batch_idx, dataloader_idx)
