@@ -270,17 +270,19 @@ def ours(spec: dict, isolate: bool, log) -> dict:
         return json.loads(Path(out.name).read_text())
 
 
-def theirs(python: str, args: list[str], workdir: Path, threads: int, log) -> dict | None:
-    """One FusionBench configuration through the driver in its venv; None (and a logged reason) if it fails."""
+def theirs(python: str, args: list[str], workdir: Path, threads: int, log, why: list | None = None) -> dict | None:
+    """One FusionBench configuration through the driver in its venv; None (and a logged reason, also appended to
+    ``why``) if it fails."""
     out = workdir / f"result-{time.time_ns()}.json"
     cmd = [python, str(ROOT / "scripts" / "bench_fusionbench_driver.py"), *args, "--threads", str(threads),
            "--workdir", str(workdir), "--out", str(out)]
     # cwd=workdir: FusionBench caches zero-shot heads under ./outputs of the directory it starts in
     done = subprocess.run(cmd, env=_env(threads), cwd=workdir, capture_output=True, text=True)
     if done.returncode != 0:
-        why = " — killed, most likely out of memory" if done.returncode == -9 else ""
-        log(f"FusionBench driver failed with exit code {done.returncode}{why} ({shlex.join(cmd)}):\n"
-            f"{done.stderr[-3000:]}")
+        reason = "killed (out of memory)" if done.returncode == -9 else f"failed (exit {done.returncode})"
+        if why is not None:
+            why.append(reason)
+        log(f"FusionBench driver {reason} ({shlex.join(cmd)}):\n{done.stderr[-3000:]}")
         return None
     return json.loads(out.read_text())
 
@@ -371,14 +373,18 @@ def benchmark(args, log=print, checkpoint=lambda report: None) -> dict:
                 res = ours(dict(base, kind="merges_eval", merge_repeats=p["merge_repeats"],
                                 eval_images=p["eval_images"] // args.tasks or 1, eval_repeats=p["eval_repeats"]),
                            isolate, log)
-                fb = (theirs(fb_python, ["--fixture", fixture, "--method", "merges", "--tasks", str(args.tasks),
-                                         "--repeats", str(p["merge_repeats"])], workdir, threads, log)
-                      if fb_python and device == "cpu" else None)
                 for name, times in res["merge_s"].items():
-                    row = dict(base, merge=name, ours_s=summary(times),
-                               fb_s=summary(fb["merge_s"][name]) if fb else None)
-                    if fb:
-                        row["ratio"] = row["ours_s"]["median"] / row["fb_s"]["median"]
+                    row = dict(base, merge=name, ours_s=summary(times), fb_s=None)
+                    if fb_python and device == "cpu":  # one process per merge: an OOM hides no other figure
+                        why = []
+                        fb = theirs(fb_python, ["--fixture", fixture, "--method", "merges", "--merge", name,
+                                                "--tasks", str(args.tasks), "--repeats", str(p["merge_repeats"])],
+                                    workdir, threads, log, why)
+                        if fb:
+                            row["fb_s"] = summary(fb["merge_s"][name])
+                            row["ratio"] = row["ours_s"]["median"] / row["fb_s"]["median"]
+                        else:
+                            row["fb_failed"] = why[0]
                     report["merges"].append(row)
                 report["eval"].append(dict(base, images=res["eval_images"],
                                            images_per_s=summary(res["eval_images_per_s"])))
@@ -436,7 +442,7 @@ def markdown(report: dict) -> str:
     for r in report["merges"]:
         ratio = f"{r['ratio']:.2f}" if "ratio" in r else "—"
         lines.append(f"| {r['fixture']} | {r['device']} | {r['threads']} | {r['merge']} | {_ms(r['ours_s'])} | "
-                     f"{_ms(r['fb_s'])} | {ratio} |")
+                     f"{r['fb_failed'] if r.get('fb_failed') else _ms(r['fb_s'])} | {ratio} |")
     lines += ["", "## Evaluation throughput of the merged tower with heads (adamerge, batches of 256)", "",
               "| fixture | device | threads | images | images/s (median) |", "|---|---|---|---|---|"]
     for r in report["eval"]:

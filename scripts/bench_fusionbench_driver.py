@@ -220,7 +220,10 @@ def adamerging_steps(root: Path, method: str, num_tasks: int, batch_size: int, s
     return out
 
 
-def merge_times(root: Path, num_tasks: int, repeats: int) -> dict:
+MERGES = ["task_arithmetic", "ties"]
+
+
+def merge_times(root: Path, num_tasks: int, repeats: int, names: list[str]) -> dict:
     """Its TaskArithmeticAlgorithm (λ=0.3) and TiesMergingAlgorithm (top 20 %, sum, λ=0.3) on in-memory towers."""
     import copy
 
@@ -234,8 +237,8 @@ def merge_times(root: Path, num_tasks: int, repeats: int) -> dict:
                   "ties": lambda: TiesMergingAlgorithm(scaling_factor=0.3, threshold=20, remove_keys=[],
                                                        merge_func="sum")}
     out = {}
-    for name, make in algorithms.items():
-        times = []
+    for name in names:
+        make, times = algorithms[name], []
         for _ in range(repeats + 1):  # the first is warm-up
             pool = {"_pretrained_": copy.deepcopy(pretrained), **finetuned}  # it merges into θ₀ in place
             algorithm = make()
@@ -256,6 +259,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="steps run (bench.py drops its warm-up ones)")
     parser.add_argument("--repeats", type=int, default=3, help="timed merges (after one warm-up)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--merge", choices=MERGES, action="append",
+                        help="with --method merges: which (repeatable; default all). bench.py runs one per process "
+                             "so that one running out of memory leaves the others' figures")
     parser.add_argument("--workdir", type=Path, required=True, help="models and data are built here once")
     parser.add_argument("--out", type=Path, help="JSON result file")
     args = parser.parse_args(argv)
@@ -274,7 +280,7 @@ def main(argv=None) -> int:
     if args.method == "build":
         result["built"] = str(root)
     elif args.method == "merges":
-        result["merge_s"] = merge_times(root, args.tasks, args.repeats)
+        result["merge_s"] = merge_times(root, args.tasks, args.repeats, args.merge or MERGES)
     else:
         cache = args.workdir / f"heads-{os.getpid()}"  # its head cache is keyed by path, not weights: fresh
         cache.mkdir(parents=True, exist_ok=True)
