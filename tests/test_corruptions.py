@@ -24,6 +24,7 @@ from adamerge.data.corruptions import (CORRUPTION_FUNCTIONS, CORRUPTIONS, PROFIL
                                        corrupt, with_corruption)
 from adamerge.data.decode_cache import DecodedImages
 from adamerge.data.task import TensorImages
+from adamerge.results.tables import build_table
 from tests.test_datasets import make_eurosat
 
 
@@ -210,12 +211,24 @@ def test_robustness_preset_sweeps_methods_and_corruptions_with_a_reference_per_c
         assert job.name == f"paper_robustness_vit_b32_{corruption}"  # one records file and table per corruption
         reference = OmegaConf.to_container(job.reference, resolve=True)
         assert set(reference) <= labels, set(reference) - labels
-        for numbers in reference.values():
-            assert set(numbers) == {"cars", "eurosat", "resisc45", "gtsrb", "Avg"}
-            assert numbers["Avg"] == pytest.approx(np.mean([numbers[t] for t in list(job.tasks.names)]), abs=0.06)
+        for sources in reference.values():
+            assert set(sources) <= {"WEMoE Tab. 5", "FusionBench"}
+            for numbers in sources.values():
+                assert set(numbers) == {"cars", "eurosat", "resisc45", "gtsrb", "Avg"}
+                assert numbers["Avg"] == pytest.approx(np.mean([numbers[t] for t in list(job.tasks.names)]), abs=0.1)
+        assert {"Task Arithmetic (λ=0.3)", "TIES-Merging", "Layer-wise AdaMerging"} <= {
+            label for label, sources in reference.items() if "WEMoE Tab. 5" in sources}
     lw = OmegaConf.to_container(_compose(["experiment=paper/robustness_vit_b32",
                                           "tasks.corruption=motion_blur"]).reference, resolve=True)
-    assert lw["Layer-wise AdaMerging"] == {"cars": 72.4, "eurosat": 72.7, "resisc45": 85.3, "gtsrb": 94.3, "Avg": 81.2}
+    assert lw["Layer-wise AdaMerging"] == {
+        "WEMoE Tab. 5": {"cars": 71.2, "eurosat": 74.6, "resisc45": 82.7, "gtsrb": 94.1, "Avg": 80.6},
+        "FusionBench": {"cars": 72.4, "eurosat": 72.7, "resisc45": 85.3, "gtsrb": 94.3, "Avg": 81.2}}
+    tasks = ["cars", "eurosat", "resisc45", "gtsrb"]
+    runs = [{"label": label, "tasks": tasks, "accuracy": dict.fromkeys(tasks, 0.5), "model": "ViT-B-32-quickgelu",
+             "run_id": str(i)} for i, label in enumerate(lw)]
+    rows = [r.label for r in build_table(runs, reference=lw).rows]  # each publication its own named row
+    assert rows[rows.index("Layer-wise AdaMerging") + 1:][:2] == ["Layer-wise AdaMerging (WEMoE Tab. 5)",
+                                                                  "Layer-wise AdaMerging (FusionBench)"]
 
 
 @pytest.mark.parametrize("split,seen,unseen", [
@@ -233,6 +246,8 @@ def test_generalisation_presets_compose_with_unseen_reference_columns(split, see
     labels = set(_method_labels(methods).values())
     reference = OmegaConf.to_container(cfg.reference, resolve=True)
     assert set(reference) <= labels and {"Task Arithmetic (λ=0.3)", "TIES-Merging", "Layer-wise AdaMerging"} <= set(reference)
-    for numbers in reference.values():
-        assert set(numbers) == {*seen, "Avg", *(f"{t} (unseen)" for t in unseen), "Avg (unseen)"}
-        assert numbers["Avg"] == pytest.approx(np.mean([numbers[t] for t in seen]), abs=0.1)
+    for sources in reference.values():
+        assert set(sources) <= {"WEMoE Tab. 4", "FusionBench"}
+        for numbers in sources.values():
+            assert set(numbers) == {*seen, "Avg", *(f"{t} (unseen)" for t in unseen), "Avg (unseen)"}
+            assert numbers["Avg"] == pytest.approx(np.mean([numbers[t] for t in seen]), abs=0.1)

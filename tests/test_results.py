@@ -217,6 +217,20 @@ def test_reference_rows_follow_their_label():
     assert table.rows[3].cells["Cars"].text() == "–" and table.rows[3].avg.text() == "–"
 
 
+def test_reference_rows_from_several_publications_keep_their_order_and_names():
+    runs = [record(label="Task Arithmetic")]
+    reference = {"Task Arithmetic": {"WEMoE Tab. 4": {"SUN397": 63.4, "Cars": 62.3, "MNIST": 77.3},
+                                     "FusionBench": {"SUN397": 64.3, "Avg": 60.0}}}
+    table = build_table(runs, reference=reference)
+    assert [r.label for r in table.rows] == ["Task Arithmetic", "Task Arithmetic (WEMoE Tab. 4)",
+                                             "Task Arithmetic (FusionBench)"]
+    assert [table.rows[1].cells[t].text() for t in TASKS] == ["63.4", "62.3", "77.3"]
+    assert table.rows[1].is_reference and table.rows[2].is_reference
+    assert table.rows[2].cells["SUN397"].text() == "64.3" and table.rows[2].avg.text() == "60.0"
+    with pytest.raises(TableError, match="mixes numbers with per-source entries"):
+        build_table(runs, reference={"Task Arithmetic": {"SUN397": 63.4, "FusionBench": {"SUN397": 64.3}}})
+
+
 def test_markdown_and_csv_rendering():
     runs = [record(seed=0, accuracy={"SUN397": 0.9, "Cars": 0.5, "MNIST": 1.0}),
             record(seed=1, accuracy={"SUN397": 0.8, "Cars": 0.5, "MNIST": 1.0})]

@@ -131,7 +131,9 @@ def build_table(
     follow ``row_order`` (labels absent from the records are skipped; labels it does not name
     come after, in first-appearance order, so no result is hidden). ``reference`` maps a label to
     published numbers in percent (optionally with an ``"Avg"`` entry) and adds ``"<label> (paper)"``
-    right after that label's row. Every record is counted: deduplicate first with
+    right after that label's row; or to ``{source: numbers}`` when several publications report the row,
+    which adds one ``"<label> (<source>)"`` row per source, in the given order. Every record is counted:
+    deduplicate first with
     :func:`~adamerge.results.records.keep_latest` if re-runs should replace older runs.
     """
     records = list(records)
@@ -151,7 +153,8 @@ def build_table(
     for label in labels:
         rows.append(_measured_row(label, groups[label], tasks, subset_allowed=task_order is not None, unseen=unseen))
         if reference and label in reference:
-            rows.append(_reference_row(label, reference[label], tasks, unseen))
+            for source, numbers in _sources(label, reference[label]):
+                rows.append(_reference_row(label, numbers, tasks, unseen, source))
     return Table(tasks=tasks, rows=rows, unseen=tuple(unseen))
 
 
@@ -198,15 +201,27 @@ def _cell(fractions: list[float]) -> Cell:
     return Cell(mean=statistics.fmean(percents), std=std)
 
 
-def _reference_row(label: str, numbers: Mapping[str, float], tasks: list[str], unseen: Sequence[str] = ()) -> Row:
-    """Paper numbers; unseen tasks' numbers are given as ``"<task> (unseen)"`` and ``"Avg (unseen)"``."""
+def _sources(label: str, entry: Mapping[str, Any]) -> list[tuple[str | None, Mapping[str, float]]]:
+    """``numbers`` (one unnamed source) or ``{source: numbers}``; a mix of the two is a typo, refused."""
+    nested = [isinstance(v, Mapping) for v in entry.values()]
+    if not any(nested):
+        return [(None, entry)]
+    if not all(nested):
+        raise TableError(f"reference for {label!r} mixes numbers with per-source entries: give either "
+                         f"{{task: number}} or {{source: {{task: number}}}}, got keys {list(entry)}")
+    return list(entry.items())
+
+
+def _reference_row(label: str, numbers: Mapping[str, float], tasks: list[str], unseen: Sequence[str] = (),
+                   source: str | None = None) -> Row:
+    """Published numbers; unseen tasks' numbers are given as ``"<task> (unseen)"`` and ``"Avg (unseen)"``."""
     cells = {t: Cell(float(numbers[t]) if t in numbers else None) for t in tasks}
     avg = numbers.get("Avg", numbers.get("avg"))
     if avg is None and all(t in numbers for t in tasks):
         avg = statistics.fmean(float(numbers[t]) for t in tasks)
     unseen_cells = {t: Cell(float(numbers[f"{t} (unseen)"]) if f"{t} (unseen)" in numbers else None) for t in unseen}
     unseen_avg = numbers.get("Avg (unseen)")
-    return Row(label=label + REFERENCE_SUFFIX, cells=cells, avg=Cell(None if avg is None else float(avg)),
+    return Row(label=label + (REFERENCE_SUFFIX if source is None else f" ({source})"), cells=cells, avg=Cell(None if avg is None else float(avg)),
                n_seeds=None, is_reference=True, unseen=unseen_cells or None,
                unseen_avg=Cell(None if unseen_avg is None else float(unseen_avg)))
 
@@ -232,7 +247,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tasks", help="comma-separated column order (may pick a subset)")
     parser.add_argument("--row", dest="rows", action="append", metavar="LABEL", help="row order; repeat per label")
     parser.add_argument("--reference", type=Path,
-                        help='JSON file {"label": {"task": percent, ..., "Avg": percent}} for "(paper)" rows')
+                        help='JSON file {"label": {"task": percent, ..., "Avg": percent}} for "(paper)" rows, or '
+                             '{"label": {"source": {...}}} for one "(source)" row per publication')
     return parser.parse_args(argv)
 
 
