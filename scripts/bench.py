@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = {"tiny": "adamerge-bench-tiny", "vit-b-32": "ViT-B-32"}
+FIXTURES = {"tiny": "adamerge-bench-tiny", "vit-b-32": "ViT-B-32", "vit-l-14": "ViT-L-14"}
+GPU_ONLY = {"vit-l-14"}  # the issue's GPU rows; by default run only when CUDA is available
 NUM_CLASSES = 10
 # (label, granularity, forward_mode); FusionBench has one forward mode (per task, graphs kept until the step ends)
 ADAMERGING = [("layer-wise", "layer", "concat"), ("layer-wise", "layer", "per_task"),
@@ -47,10 +48,12 @@ FB_METHOD = {"layer-wise": "layer_wise", "task-wise": "task_wise"}
 
 # ---------------------------------------------------------------- settings of a run
 
-def plan(quick: bool, fixture: str) -> dict:
+def plan(quick: bool, fixture: str, device: str = "cpu") -> dict:
     """Steps, repeats and evaluation sizes: ViT-B/32 on a CPU costs seconds per step, so fewer of them."""
     if quick:
         return dict(warmup=1, steps=3, merge_repeats=2, eval_images=32, eval_repeats=2)
+    if device == "cuda":  # milliseconds per step: enough of them for a stable median
+        return dict(warmup=10, steps=50, merge_repeats=5, eval_images=2048, eval_repeats=5)
     if fixture == "tiny":
         return dict(warmup=3, steps=20, merge_repeats=5, eval_images=512, eval_repeats=5)
     # ViT-B/32: ~1.7 TFLOP per step (128 images, forward + backward), tens of seconds on one shared core
@@ -326,10 +329,13 @@ def benchmark(args, log=print, checkpoint=lambda report: None) -> dict:
               "quick": args.quick, "tasks": args.tasks, "batch_size": args.batch_size, "steps": [], "merges": [],
               "eval": [], "fusionbench": None, "profiles": {}, "complete": False}
     for fixture in args.fixtures:
-        p = plan(args.quick, fixture)
         if fb_python:
             theirs(fb_python, ["--fixture", fixture, "--method", "build", "--tasks", str(args.tasks)], workdir, 1, log)
         for device in devices:
+            if fixture in GPU_ONLY and device == "cpu":
+                log(f"[{fixture}] no CPU rows: minutes per step on a CPU (GPU rows only)")
+                continue
+            p = plan(args.quick, fixture, device)
             for threads in ([1] if device == "cuda" else args.threads):
                 base = dict(fixture=fixture, threads=threads, device=device, tasks=args.tasks,
                             batch_size=args.batch_size)
@@ -465,7 +471,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="AdaMerging/TA/TIES/eval benchmark against FusionBench")
     parser.add_argument("--quick", action="store_true", help="few steps and repeats: a smoke run")
     parser.add_argument("--fixtures", nargs="+", choices=list(FIXTURES), default=None,
-                        help="default: tiny vit-b-32 (tiny only with --quick)")
+                        help="default: tiny vit-b-32, and vit-l-14 where CUDA is available (tiny only with --quick)")
     parser.add_argument("--threads", nargs="+", type=int, default=None, help="torch CPU threads (default: 1 2)")
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -487,7 +493,11 @@ def main(argv=None) -> int:
 
         Path(args.worker_out).write_text(json.dumps(run_worker(json.loads(args.worker))))
         return 0
-    args.fixtures = args.fixtures or (["tiny"] if args.quick else list(FIXTURES))
+    if not args.fixtures:
+        import torch
+
+        gpu = torch.cuda.is_available() and not args.cpu_only
+        args.fixtures = ["tiny"] if args.quick else [f for f in FIXTURES if f not in GPU_ONLY or gpu]
     args.threads = args.threads or ([1] if args.quick else [1, 2])
     notes = args.notes.read_text() if args.notes else None
     report = benchmark(args, checkpoint=lambda partial: write(partial, args.out_dir, notes))

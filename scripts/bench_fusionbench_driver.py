@@ -41,7 +41,10 @@ def vision_config(fixture: str) -> dict:
                     num_attention_heads=2, projection_dim=64)
     if fixture == "vit-b-32":
         return {}  # transformers' CLIPVisionConfig defaults are ViT-B/32
-    raise ValueError(f"unknown fixture {fixture!r}; valid: tiny, vit-b-32")
+    if fixture == "vit-l-14":  # open_clip ViT-L-14: image 224, patch 14, width 1024, 24 layers, 16 heads
+        return dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16, projection_dim=768)
+    raise ValueError(f"unknown fixture {fixture!r}; valid: tiny, vit-b-32, vit-l-14")
 
 
 def _char_tokenizer(folder: Path):
@@ -73,6 +76,9 @@ def build_fixture(fixture: str, workdir: Path, num_tasks: int, seed: int = 0) ->
         text = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
                     vocab_size=vocab_size, max_position_embeddings=77)
         config = CLIPConfig(text_config=text, vision_config=vis, projection_dim=64)
+    elif fixture == "vit-l-14":
+        text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+        config = CLIPConfig(text_config=text, vision_config=vis, projection_dim=768)
     else:
         config = CLIPConfig()
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # pool at the tokenizer's own end token
@@ -251,7 +257,7 @@ def merge_times(root: Path, num_tasks: int, repeats: int, names: list[str]) -> d
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fixture", choices=["tiny", "vit-b-32"], required=True)
+    parser.add_argument("--fixture", choices=["tiny", "vit-b-32", "vit-l-14"], required=True)
     parser.add_argument("--method", choices=["layer_wise", "task_wise", "merges", "build"], required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tasks", type=int, default=8)

@@ -87,6 +87,60 @@ def test_ties_task_vectors_keep_only_agreeing_entries():
     assert torch.equal(out[1]["w"], torch.tensor([-2.0, 0.0, 2.0]))
 
 
+def _ties_on_the_flat_matrix(vectors, keep, merge=None):
+    """TIES as its definition reads: flatten all K vectors into [K, P], trim, elect, mask (the reference)."""
+    from adamerge.merging.ties import agreeing, unflatten
+
+    flat, keys, shapes = flatten(vectors)
+    trimmed = trim_top_k(flat, keep)
+    mask = agreeing(trimmed, elect_sign(trimmed))
+    if merge is None:
+        return [unflatten(row, keys, shapes) for row in trimmed * mask]
+    total = (trimmed * mask).sum(0)
+    return unflatten(total / mask.sum(0).clamp(min=1) if merge == "mean" else total, keys, shapes)
+
+
+@pytest.mark.parametrize("keep", [0.2, 0.5, 1.0])
+@pytest.mark.parametrize("majority", [1.0, -1.0])
+def test_tensor_by_tensor_ties_equals_the_flattened_definition(keep, majority):
+    """ties_by_key never builds the [K, P] matrix; it must give the same numbers, including the global
+    majority sign that breaks exact ties (entries whose trimmed values cancel)."""
+    from adamerge.merging import ties_vector
+    from adamerge.merging.ties import ties_by_key
+
+    gen = torch.Generator().manual_seed(int(10 * keep) + (majority > 0))
+    vectors = [{"a": torch.randn(7, 5, generator=gen), "b": torch.randn(11, generator=gen),
+                "c": torch.randn(3, 4, 2, generator=gen)} for _ in range(4)]
+    for v in vectors[:2]:  # exact cancellation in 'b'[:6] (large: survives trimming); the rest of 'b' votes
+        v["b"][:6] = 50.0
+    vectors[1]["b"][:6] = -50.0
+    vectors[2]["b"][:6] = vectors[3]["b"][:6] = 0.0
+    for v in vectors:
+        v["b"][6:] = majority * 40.0  # many same-sign votes fix the overall majority
+    expected = _ties_on_the_flat_matrix(vectors, keep)
+    for got, want in zip(ties_task_vectors(vectors, keep), expected):
+        assert_state_close(got, want, atol=0)
+    for merge in ("mean", "sum"):
+        assert_state_close(ties_vector(vectors, keep, merge), _ties_on_the_flat_matrix(vectors, keep, merge), atol=0)
+    masks = {key: mask for key, _, mask in ties_by_key(vectors, keep)}
+    # the cancelled entries take the majority's sign: only the vector with that sign keeps them
+    assert masks["b"][:2, :6].tolist() == [[majority > 0] * 6, [majority < 0] * 6]
+
+
+def test_stacked_vectors_built_tensor_by_tensor_equal_the_explicit_stack(tiny_models):
+    theta0, ft = tiny_models
+    explicit = vectors_of(theta0, ft)
+    stacked = StackedTaskVectors.from_state_dicts(theta0, ft)
+    assert stacked.keys == list(explicit[0])
+    for i, key in enumerate(stacked.keys):
+        assert torch.equal(stacked.vector(i), torch.stack([v[key] for v in explicit]))
+    plus = StackedTaskVectors.from_state_dicts(theta0, ft, ties_keep=0.2)
+    for i, key in enumerate(plus.keys):
+        assert torch.equal(plus.vector(i), torch.stack([v[key] for v in _ties_on_the_flat_matrix(explicit, 0.2)]))
+    with pytest.raises(ValueError, match="2 task vectors but 1 task names"):
+        StackedTaskVectors.from_state_dicts(theta0, ft[:2], ["only"])
+
+
 def test_unknown_ties_merge_function_lists_valid():
     with pytest.raises(ValueError, match="mean, sum"):
         ties_merge({"w": torch.zeros(1)}, [{"w": torch.ones(1)}], merge="max")

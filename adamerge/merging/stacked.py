@@ -10,41 +10,61 @@ inside an autocast region, so small coefficient updates are never rounded away.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from adamerge.merging.task_vectors import mergeable_keys, task_vector
-from adamerge.merging.ties import ties_task_vectors
+from adamerge.merging.task_vectors import TaskVectorView
+from adamerge.merging.ties import ties_by_key
 
 
 class StackedTaskVectors(nn.Module):
-    def __init__(self, base: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, torch.Tensor]],
-                 task_names: Sequence[str] | None = None, dtype: torch.dtype | str | None = None):
+    def __init__(self, base: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, torch.Tensor]] | None,
+                 task_names: Sequence[str] | None = None, dtype: torch.dtype | str | None = None, *,
+                 stacks: Iterable[tuple[str, torch.Tensor]] | None = None):
+        """From K task vectors, or from ``stacks``: ``(key, [K, …] tensor)`` pairs made one at a time, so that
+        only one tensor's K vectors exist beside the stored ones (in ``dtype``) while building."""
         super().__init__()
-        if not vectors:
-            raise ValueError("need at least one task vector")
-        self.keys = list(vectors[0])
-        self.task_names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(vectors))]
-        if len(self.task_names) != len(vectors):
-            raise ValueError(f"{len(vectors)} task vectors but {len(self.task_names)} task names")
+        if stacks is None:
+            if not vectors:
+                raise ValueError("need at least one task vector")
+            stacks = ((key, torch.stack([v[key] for v in vectors])) for key in list(vectors[0]))
         dtype = resolve_dtype(dtype)
-        for i, key in enumerate(self.keys):
+        self.keys = []
+        for i, (key, tv) in enumerate(stacks):
+            self.keys.append(key)
             self.register_buffer(f"base_{i}", base[key].detach().clone(), persistent=False)
-            tv = torch.stack([v[key] for v in vectors]).detach()
+            tv = tv.detach()
             self.register_buffer(f"tv_{i}", tv.to(dtype) if dtype is not None else tv, persistent=False)
+            del tv
+        if not self.keys:
+            raise ValueError("need at least one task vector")
+        num = self.tv_0.shape[0]
+        self.task_names = list(task_names) if task_names is not None else [f"task{i}" for i in range(num)]
+        if len(self.task_names) != num:
+            raise ValueError(f"{num} task vectors but {len(self.task_names)} task names")
 
     @classmethod
     def from_state_dicts(cls, pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
                          task_names: Sequence[str] | None = None, ties_keep: float | None = None,
                          dtype: torch.dtype | str | None = None) -> "StackedTaskVectors":
-        """Build from θ₀ and θ₁..θ_K; with ``ties_keep`` the vectors are TIES-trimmed first (AdaMerging++)."""
+        """Build from θ₀ and θ₁..θ_K; with ``ties_keep`` the vectors are TIES-trimmed first (AdaMerging++).
+
+        τₖ is computed tensor by tensor (never K whole task vectors in float32 at once): for ViT-L/14 × 8
+        that bounds the host memory of building to the checkpoints plus the stored vectors."""
         names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(finetuned))]
-        vectors = [task_vector(ft, pretrained, source=f"fine-tuned checkpoint of {n!r}") for ft, n in zip(finetuned, names)]
+        if not finetuned:
+            raise ValueError("need at least one task vector")
+        if len(names) != len(finetuned):
+            raise ValueError(f"{len(finetuned)} task vectors but {len(names)} task names")
+        vectors = [TaskVectorView(ft, pretrained, source=f"fine-tuned checkpoint of {n!r}")
+                   for ft, n in zip(finetuned, names)]
         if ties_keep is not None:
-            vectors = ties_task_vectors(vectors, keep=ties_keep)
-        return cls({k: pretrained[k] for k in mergeable_keys(pretrained)}, vectors, names, dtype=dtype)
+            stacks = ((key, trimmed * mask) for key, trimmed, mask in ties_by_key(vectors, keep=ties_keep))
+        else:
+            stacks = ((key, torch.stack([v[key] for v in vectors])) for key in vectors[0])
+        return cls(pretrained, None, names, dtype=dtype, stacks=stacks)
 
     @property
     def num_tasks(self) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 
@@ -53,6 +53,26 @@ def task_vector(finetuned: StateDict, pretrained: StateDict, source: str = "fine
     """τ = θ_ft − θ₀ over the floating-point tensors (computed in θ₀'s dtype)."""
     check_compatible(pretrained, finetuned, source)
     return {k: finetuned[k].to(pretrained[k].dtype) - pretrained[k] for k in mergeable_keys(pretrained)}
+
+
+class TaskVectorView(Mapping[str, torch.Tensor]):
+    """τ = θ_ft − θ₀ computed tensor by tensor on access, after the same checks as :func:`task_vector`:
+    code that walks tensors one at a time (stacking, TIES) then never holds K whole vectors."""
+
+    def __init__(self, finetuned: StateDict, pretrained: StateDict, source: str = "fine-tuned checkpoint"):
+        check_compatible(pretrained, finetuned, source)
+        self.finetuned, self.pretrained, self.keys_ = finetuned, pretrained, mergeable_keys(pretrained)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.pretrained or not self.pretrained[key].is_floating_point():
+            raise KeyError(key)
+        return self.finetuned[key].to(self.pretrained[key].dtype) - self.pretrained[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
 
 
 def add_scaled(pretrained: StateDict, vector: StateDict, scale: float = 1.0) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 
 from adamerge.data.task import Task
 from adamerge.evaluation.accuracy import accuracies
-from adamerge.merging import task_vector
+from adamerge.merging.task_vectors import TaskVectorView
 from adamerge.models.backbone import Backbone
 
 StateDict = dict[str, torch.Tensor]
@@ -38,7 +38,8 @@ class MergeContext:
 
     @cached_property
     def vectors(self) -> list[StateDict]:
-        return [task_vector(self.finetuned[n], self.pretrained, source=f"fine-tuned checkpoint of {n!r}")
+        """τₖ per task, computed tensor by tensor on access (no second full copy of every checkpoint)."""
+        return [TaskVectorView(self.finetuned[n], self.pretrained, source=f"fine-tuned checkpoint of {n!r}")
                 for n in self.task_names]
 
     def evaluate(self, params: StateDict | Mapping[str, StateDict], split: str = "test", per_task: bool = False) -> dict[str, float]:
