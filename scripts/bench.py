@@ -196,7 +196,7 @@ def merges_eval_worker(spec: dict) -> dict:
 
     from adamerge.data.task import TensorImages
     from adamerge.evaluation.accuracy import dataset_accuracy
-    from adamerge.merging import task_arithmetic, task_vector, ties_merge
+    from adamerge.merging import task_arithmetic, ties_merge
 
     device = spec["device"]
     backbone, theta0, finetuned, tasks, heads = build_world(spec["fixture"], spec["tasks"], spec["eval_images"])
@@ -211,6 +211,7 @@ def merges_eval_worker(spec: dict) -> dict:
 
     merges = {"task_arithmetic": lambda vs: task_arithmetic(theta0, vs, 0.3),
               "ties": lambda vs: ties_merge(theta0, vs, keep=0.2, lam=0.3, merge="sum")}
+    from adamerge.merging.task_vectors import TaskVectorView  # τₖ per tensor on access, as the methods use them
     out = {"merge_s": {}}
     merged = None
     for name, merge in merges.items():
@@ -219,7 +220,7 @@ def merges_eval_worker(spec: dict) -> dict:
             sync()
             start = time.perf_counter()
             with torch.no_grad():
-                merged = merge([task_vector(ft, theta0) for ft in finetuned])
+                merged = merge([TaskVectorView(ft, theta0) for ft in finetuned])
                 visual.load_state_dict(merged)  # as FusionBench: the result lands in the model
             sync()
             times.append(time.perf_counter() - start)

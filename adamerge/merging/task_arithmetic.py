@@ -12,7 +12,13 @@ from adamerge.merging.task_vectors import add_scaled
 def sum_vectors(vectors: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     if not vectors:
         raise ValueError("need at least one task vector")
-    return {k: torch.stack([v[k] for v in vectors]).sum(0) for k in vectors[0]}
+    total = {}
+    for k in vectors[0]:  # accumulated in place: no [K, …] stack, one pass per vector
+        acc = vectors[0][k].clone() if len(vectors) == 1 else vectors[0][k] + vectors[1][k]
+        for v in vectors[2:]:
+            acc.add_(v[k])
+        total[k] = acc
+    return total
 
 
 def task_arithmetic(pretrained: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, torch.Tensor]],
