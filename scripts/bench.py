@@ -341,7 +341,7 @@ def benchmark(args, log=print, checkpoint=lambda report: None) -> dict:
                 base = dict(fixture=fixture, threads=threads, device=device, tasks=args.tasks,
                             batch_size=args.batch_size)
                 fb_steps = {}
-                for label, gran, mode in ADAMERGING:
+                for label, gran, mode in ([] if args.skip_steps else ADAMERGING):
                     if mode == "per_task" and threads not in p.get("per_task_threads", [threads]):
                         continue
                     # FusionBench first, then ours, per method: both see the same stretch of machine load
@@ -422,10 +422,11 @@ def markdown(report: dict) -> str:
              "- FusionBench side: " + (", ".join(f"{k} {v}" for k, v in report["fusionbench"].items())
                                        if report["fusionbench"] else "not run"),
              f"- Load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in m['load_average_start'])}, "
-             f"at end {tuple(round(x, 2) for x in m.get('load_average_end', os.getloadavg()))}"
-             + (" — the machine was shared with other jobs: timings are noisy upper bounds, but both sides ran "
-                "interleaved in the same run, so ratios are fair." if max(
-                    m["load_average_start"][0], m.get("load_average_end", os.getloadavg())[0]) > 0.5 else ""),
+             f"at end {tuple(round(x, 2) for x in m.get('load_average_end', os.getloadavg()))} (the end includes "
+             "the benchmark's own threads)"
+             + (" — the machine was shared with other jobs when it started: timings are noisy upper bounds, but "
+                "both sides ran interleaved in the same run, so ratios are fair."
+                if m["load_average_start"][0] > 0.5 else ""),
              f"- K = {report['tasks']} tasks, batch {report['batch_size']} per task"
              + (" — QUICK smoke run, not for quoting" if report["quick"] else ""),
              *([] if report["complete"] else ["- **Partial: the run had not finished when this was written.**"]), "",
@@ -479,6 +480,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fusionbench-python", default="/work/fb-venv/bin/python",
                         help="python of the venv where fusion-bench 0.2.33 is installed")
     parser.add_argument("--no-fusionbench", action="store_true", help="adamerge's half only")
+    parser.add_argument("--skip-steps", action="store_true", help="only the TA/TIES merges and evaluation")
     parser.add_argument("--cpu-only", action="store_true", help="no GPU rows even if CUDA is available")
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables of adamerge's concat steps")
     parser.add_argument("--in-process", action="store_true",

@@ -39,6 +39,35 @@ def test_merge_ignores_autocast_so_coefficients_keep_full_precision(tiny_models)
     assert len(moved) == len(plain)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_merge_saves_no_float32_copy_of_the_vectors_and_has_the_same_gradient(tiny_models, dtype):
+    """What the merge keeps for backward is the stored half-precision τ itself, never a float32 copy of it
+    (that copy, alive until backward, would undo half the memory saving); λ's gradient is unchanged."""
+    half = stacks(tiny_models, dtype)
+    lam = torch.rand(half.num_tasks, half.num_layers, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel(), t.data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        merged = half.merge(lam)
+    stored = {half.vector(i).data_ptr() for i in range(half.num_layers)}
+    big = [(d, n) for d, n, ptr in saved if n > half.num_tasks * 4 and ptr not in stored]
+    assert not big, f"tensors saved for backward besides the stored vectors: {big[:5]}"
+    keys = list(merged)
+    upstream = [torch.randn(merged[k].shape, generator=torch.Generator().manual_seed(i)) for i, k in enumerate(keys)]
+    (grad,) = torch.autograd.grad([merged[k] for k in keys], [lam], upstream)
+    # the same function by plain autograd over explicitly upcast vectors
+    lam2 = lam.detach().clone().requires_grad_()
+    plain = {k: half.base(i) + torch.tensordot(lam2[:, i], half.vector(i).float(), dims=1) for i, k in enumerate(keys)}
+    (grad2,) = torch.autograd.grad([plain[k] for k in keys], [lam2], upstream)
+    for i, k in enumerate(keys):
+        assert torch.equal(merged[k], plain[k]), k
+    torch.testing.assert_close(grad, grad2, rtol=1e-6, atol=1e-6)
+
+
 def test_unknown_vector_dtype_lists_valid_ones():
     with pytest.raises(ValueError, match="bfloat16"):
         AdaMerging(adam(), vector_dtype="float8")

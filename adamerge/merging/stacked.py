@@ -92,13 +92,36 @@ class StackedTaskVectors(nn.Module):
             for i, key in enumerate(self.keys):
                 tv, base = self.vector(i), self.base(i)
                 compute = torch.promote_types(lam.dtype, tv.dtype)
-                delta = torch.tensordot(lam[:, i].to(compute), tv.to(compute), dims=1)
-                merged[key] = base + delta.to(base.dtype)
+                if tv.dtype == compute:
+                    delta = torch.tensordot(lam[:, i].to(compute), tv, dims=1)
+                    merged[key] = base + delta.to(base.dtype)
+                else:
+                    merged[key] = _UpcastMerge.apply(lam[:, i].to(compute), tv, base)
         return merged
 
     def nbytes(self) -> int:
         """Bytes held by the task vectors (what ``dtype`` halves)."""
         return sum(self.vector(i).numel() * self.vector(i).element_size() for i in range(self.num_layers))
+
+
+class _UpcastMerge(torch.autograd.Function):
+    """base + Σₖ λₖ τₖ for half-precision τ, computed in λ's precision. Autograd's tensordot would save
+    τ's float32 copy for its backward: the whole stack of every tensor, twice the half-precision storage,
+    alive from the merge until the backward (for ViT-L/14 × 8: 9.7 GB beside the 4.9 GB stored). Here only
+    τ itself is saved (a reference to the stored buffer) and each tensor is upcast again in backward."""
+
+    @staticmethod
+    def forward(ctx, lam: torch.Tensor, tv: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(lam, tv)
+        ctx.base_dtype = base.dtype
+        return base + torch.tensordot(lam, tv.to(lam.dtype), dims=1).to(base.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        lam, tv = ctx.saved_tensors
+        grad_lam = torch.tensordot(tv.to(lam.dtype), grad.to(lam.dtype), dims=grad.dim()) \
+            if ctx.needs_input_grad[0] else None
+        return grad_lam, None, grad.to(ctx.base_dtype) if ctx.needs_input_grad[2] else None
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
