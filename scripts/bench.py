@@ -426,7 +426,7 @@ def markdown(report: dict) -> str:
              "the benchmark's own threads)"
              + (" — the machine was shared with other jobs when it started: timings are noisy upper bounds, but "
                 "both sides ran interleaved in the same run, so ratios are fair."
-                if m["load_average_start"][0] > 0.5 else ""),
+                if m["load_average_start"][0] > 1.0 else ""),  # a whole core busy with something else
              f"- K = {report['tasks']} tasks, batch {report['batch_size']} per task"
              + (" — QUICK smoke run, not for quoting" if report["quick"] else ""),
              *([] if report["complete"] else ["- **Partial: the run had not finished when this was written.**"]), "",

@@ -9,11 +9,11 @@ Two measurements, each configuration in its own process:
   re-implemented here so both run in the same session.
 * **step** — peak memory of AdaMerging steps in the ViT-L/14 preset's configuration
   (``experiment=paper/vit_l14_8tasks``: layer-wise, bf16-mixed, bf16 task vectors, per-task passes,
-  8 tasks × 16 images). On a GPU: ``torch.cuda.max_memory_allocated`` (everything on the device: θ₀,
+  8 tasks × 2 batches × 16 images, the official protocol; ``--batches-per-task 1`` for FusionBench's). On a GPU: ``torch.cuda.max_memory_allocated`` (everything on the device: θ₀,
   vectors, tower, activations); the target is 24 GB. On a CPU: the process's peak RSS, an upper bound
   for the same tensors (it also holds the Python runtime, the images and allocator slack).
 
-    python scripts/bench_memory.py                          # ViT-B/32 build before/now, ViT-L/14 build + step
+    python scripts/bench_memory.py --steps 1                # ViT-B/32 build before/now, ViT-L/14 build + step
     python scripts/bench_memory.py --skip-step              # build only (minutes)
 
 Random weights (memory does not depend on them); fine-tuned models are θ₀ plus noise.
@@ -139,14 +139,15 @@ def step_worker(spec: dict) -> dict:
     stacked = StackedTaskVectors(theta0, None, names, dtype=spec["vector_dtype"], stacks=stacks)
     del theta0
     size, dim = backbone.image_size, int(backbone.visual.output_dim)
+    per_task = spec["batch_size"] * spec.get("batches_per_task", 1)
     tasks = [Task(n, [str(c) for c in range(10)], ["{}"], {"test": TensorImages(
-        torch.randn(spec["batch_size"], 3, size, size, generator=gen), torch.randint(0, 10, (spec["batch_size"],),
-                                                                                    generator=gen))}) for n in names]
+        torch.randn(per_task, 3, size, size, generator=gen), torch.randint(0, 10, (per_task,), generator=gen))})
+        for n in names]
     heads = {n: torch.nn.functional.normalize(torch.randn(10, dim, generator=gen), dim=-1) * 100.0 for n in names}
     vectors_mb = stacked.nbytes() / 2**20
     module = AdaMergingModule(backbone.visual, stacked, heads, functools.partial(torch.optim.Adam, lr=1e-3),
                               granularity="layer", init=0.3, clamp=(0.0, 1.0), forward_mode=spec["forward_mode"])
-    data = UnlabelledTasksDataModule(tasks, spec["batch_size"], 1, "test", seed=0)
+    data = UnlabelledTasksDataModule(tasks, spec["batch_size"], spec.get("batches_per_task", 1), "test", seed=0)
     times: list[float] = []
 
     class Peak(L.Callback):
@@ -199,6 +200,10 @@ def isolated(spec: dict, log, isolate: bool = True) -> dict:
         return json.loads(Path(out.name).read_text())
 
 
+def _images(row: dict) -> str:
+    return f"{row.get('batches_per_task', 1)} × {row['batch_size']}"
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = ["# Memory at real scale (issue #5)", "", f"- Date: {report['date']}", f"- Command: `{report['command']}`",
@@ -229,14 +234,14 @@ def markdown(report: dict) -> str:
             res = r["result"]
             if "failed" in res:
                 lines.append(f"| {r['fixture']} | {r['device']} | {r['precision']} | {r['vector_dtype']} | "
-                             f"{r['forward_mode']} | {r['batch_size']} | — | {res['failed']} | — |")
+                             f"{r['forward_mode']} | {_images(r)} | — | {res['failed']} | — |")
                 continue
             peak = (f"{res['peak_cuda_mb'] / 1024:.1f} (CUDA max allocated)" if "peak_cuda_mb" in res else
                     f"{res['peak_rss_mb'] / 1024:.1f} (process peak RSS; "
                     f"{(res['peak_rss_mb'] - res['baseline_rss_mb']) / 1024:.1f} above the bare runtime)")
             steps = ", ".join(f"{s:.0f}" for s in res["step_s"])
             lines.append(f"| {r['fixture']} | {r['device']} | {r['precision']} | {r['vector_dtype']} | "
-                         f"{r['forward_mode']} | {r['batch_size']} | {res['vectors_mb'] / 1024:.2f} | {peak} | "
+                         f"{r['forward_mode']} | {_images(r)} | {res['vectors_mb'] / 1024:.2f} | {peak} | "
                          f"{steps} |")
     return "\n".join(lines) + "\n"
 
@@ -251,6 +256,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches-per-task", type=int, default=2,
+                        help="per step and task (2: the official protocol, the preset's default; 1: FusionBench's)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out-dir", type=Path, default=ROOT / "results")
     parser.add_argument("--notes", type=Path, help="Markdown appended to memory.md")
@@ -295,6 +302,7 @@ def main(argv=None) -> int:
     if not args.skip_step:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         spec = dict(kind="step", fixture=args.step_fixture, tasks=args.tasks, batch_size=args.batch_size,
+                    batches_per_task=args.batches_per_task,
                     precision="bf16-mixed", vector_dtype="bfloat16", forward_mode="per_task", steps=args.steps,
                     device=device, threads=args.threads)
         print(f"[step {args.step_fixture} {device}] …", flush=True)

@@ -22,7 +22,7 @@ def _bench_memory():
 def test_memory_benchmark_runs_every_build_and_the_l14_configuration_on_tiny(tmp_path):
     bench = _bench_memory()
     assert bench.main(["--build-fixtures", "tiny", "--before-fixtures", "tiny", "--step-fixture", "tiny",
-                       "--steps", "1", "--threads", "1", "--in-process", "--out-dir", str(tmp_path)]) == 0
+                       "--steps", "1", "--batches-per-task", "2", "--threads", "1", "--in-process", "--out-dir", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "memory.json").read_text())
     builds = {(b["op"], b["impl"]): b for b in report["builds"]}
     assert set(builds) == {(op, impl) for op, _, impl in bench.BUILDS}
@@ -33,6 +33,7 @@ def test_memory_benchmark_runs_every_build_and_the_l14_configuration_on_tiny(tmp
         assert ("ratio" in b) == (b["impl"] == "before")
     (step,) = report["steps"]
     assert (step["precision"], step["vector_dtype"], step["forward_mode"]) == ("bf16-mixed", "bfloat16", "per_task")
+    assert (step["batches_per_task"], step["batch_size"]) == (2, 16)
     res = step["result"]
     assert len(res["step_s"]) == 1 and res["peak_rss_mb"] >= res["baseline_rss_mb"] > 0
     assert res["vectors_mb"] > 0
