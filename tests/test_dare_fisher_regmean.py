@@ -290,7 +290,7 @@ def test_method_runs_end_to_end_with_every_tensor_finite(ctx, name):
 
 def test_dare_methods_at_p_zero_are_task_arithmetic_and_ties(ctx):
     ta, dare_ta = TaskArithmetic(lam=0.3).run(ctx).params, Dare(p=0.0, lam=0.3).run(ctx).params
-    ties, dare_ties = Ties(lam=1.0).run(ctx).params, Dare(p=0.0, base="ties", lam=1.0).run(ctx).params
+    ties, dare_ties = Ties(lam=1.0, merge="mean").run(ctx).params, Dare(p=0.0, base="ties", lam=1.0).run(ctx).params
     assert all(torch.equal(ta[k], dare_ta[k]) and torch.equal(ties[k], dare_ties[k]) for k in ta)
 
 

@@ -65,9 +65,12 @@ def test_ties_mean_without_trimming_or_conflict_is_ta_over_k(tiny_models):
 
 
 def test_trim_keeps_top_fraction_of_whole_flattened_vector():
+    """Official rule: |τ| ≥ kthvalue(|τ|, n − int(n·k)), i.e. int(10·0.3) + 1 = 4 of 10 distinct entries."""
     flat = torch.tensor([[0.1, -5.0, 0.3, 2.0, -0.2, 0.0, 4.0, -1.0, 0.05, 3.0]])
     trimmed = trim_top_k(flat, keep=0.3)
-    assert torch.equal(trimmed, torch.tensor([[0.0, -5.0, 0, 0, 0, 0, 4.0, 0, 0, 3.0]]))
+    assert torch.equal(trimmed, torch.tensor([[0.0, -5.0, 0, 2.0, 0, 0, 4.0, 0, 0, 3.0]]))
+    tied = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.5]])  # every entry tied with the threshold survives
+    assert torch.equal(trim_top_k(tied, keep=0.2), tied * torch.tensor([[1.0, 1, 1, 1, 0]]))
 
 
 def test_elect_sign_by_sum_and_disjoint_mean():
@@ -116,7 +119,8 @@ def test_tensor_by_tensor_ties_equals_the_flattened_definition(keep, majority):
     vectors[1]["b"][:6] = -50.0
     vectors[2]["b"][:6] = vectors[3]["b"][:6] = 0.0
     for v in vectors:
-        v["b"][6:] = majority * 40.0  # many same-sign votes fix the overall majority
+        v["b"][6:] = majority * 40.0
+        v["d"] = torch.full((40,), majority * 40.0)  # many same-sign votes fix the overall majority
     expected = _ties_on_the_flat_matrix(vectors, keep)
     for got, want in zip(ties_task_vectors(vectors, keep), expected):
         assert_state_close(got, want, atol=0)

@@ -62,14 +62,15 @@ def dare_task_vectors(vectors: Sequence[Mapping[str, torch.Tensor]], p: float, s
 
 def dare_vector(vectors: Sequence[Mapping[str, torch.Tensor]], p: float = 0.9, seed: int = 0,
                 base: str = "task_arithmetic", keep: float = 0.2, merge: str = "mean",
-                rescale: bool = True) -> dict[str, torch.Tensor]:
-    """The merged direction that λ scales: Σₖ DARE_p(τₖ) (task arithmetic) or ties_vector(DARE_p(τ₁..τ_K))."""
+                rescale: bool = True, **ties_rule) -> dict[str, torch.Tensor]:
+    """The merged direction that λ scales: Σₖ DARE_p(τₖ) (task arithmetic) or ties_vector(DARE_p(τ₁..τ_K));
+    ``ties_rule``: the TIES keyword arguments (``zero_sign``, ``extra_zeros``, ``uncounted``)."""
     if base not in BASE_METHODS:
         raise ValueError(f"unknown DARE base method {base!r}; valid: {', '.join(BASE_METHODS)}")
     if base == "ties" and merge not in MERGE_FUNCTIONS:
         raise ValueError(f"unknown TIES merge function {merge!r}; valid: {', '.join(MERGE_FUNCTIONS)}")
     sparse = dare_task_vectors(vectors, p, seed, rescale)
-    return sum_vectors(sparse) if base == "task_arithmetic" else ties_vector(sparse, keep=keep, merge=merge)
+    return sum_vectors(sparse) if base == "task_arithmetic" else ties_vector(sparse, keep=keep, merge=merge, **ties_rule)
 
 
 def dare_merge(pretrained: Mapping[str, torch.Tensor], vectors: Sequence[Mapping[str, torch.Tensor]],

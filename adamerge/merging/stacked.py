@@ -48,8 +48,9 @@ class StackedTaskVectors(nn.Module):
     @classmethod
     def from_state_dicts(cls, pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]],
                          task_names: Sequence[str] | None = None, ties_keep: float | None = None,
-                         dtype: torch.dtype | str | None = None) -> "StackedTaskVectors":
-        """Build from θ₀ and θ₁..θ_K; with ``ties_keep`` the vectors are TIES-trimmed first (AdaMerging++).
+                         dtype: torch.dtype | str | None = None, ties_rule: dict | None = None) -> "StackedTaskVectors":
+        """Build from θ₀ and θ₁..θ_K; with ``ties_keep`` the vectors are TIES-trimmed first (AdaMerging++),
+        by the rule of :func:`~adamerge.merging.ties.ties_by_key` (``ties_rule``: its keyword arguments).
 
         τₖ is computed tensor by tensor (never K whole task vectors in float32 at once): for ViT-L/14 × 8
         that bounds the host memory of building to the checkpoints plus the stored vectors."""
@@ -61,7 +62,8 @@ class StackedTaskVectors(nn.Module):
         vectors = [TaskVectorView(ft, pretrained, source=f"fine-tuned checkpoint of {n!r}")
                    for ft, n in zip(finetuned, names)]
         if ties_keep is not None:
-            stacks = ((key, trimmed * mask) for key, trimmed, mask in ties_by_key(vectors, keep=ties_keep))
+            stacks = ((key, trimmed * mask) for key, trimmed, mask in ties_by_key(vectors, keep=ties_keep,
+                                                                                   **(ties_rule or {})))
         else:
             stacks = ((key, torch.stack([v[key] for v in vectors])) for key in vectors[0])
         return cls(pretrained, None, names, dtype=dtype, stacks=stacks)

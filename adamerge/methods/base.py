@@ -15,6 +15,7 @@ from adamerge.merging.task_vectors import TaskVectorView
 from adamerge.models.backbone import Backbone
 
 StateDict = dict[str, torch.Tensor]
+TRIM_COUNTS = ("image_encoder", "tower")
 
 
 @dataclass
@@ -31,6 +32,10 @@ class MergeContext:
     make_trainer: Callable | None = None  # () -> lightning.Trainer, for methods that train
     ckpt_path: str | None = None          # resume a training method from this Lightning checkpoint
     pool: object | None = None            # the CheckpointPool: methods that need more checkpoints per task
+    # TIES's n (see adamerge/merging/ties.py): zero-τ entries of the official ImageEncoder beside the tower,
+    # and per task the tensors its fine-tuned file lacked (filled in from θ₀, outside the trimming domain)
+    image_encoder_extra: int = 0
+    filled: dict[str, frozenset] = field(default_factory=dict)
 
     @property
     def task_names(self) -> list[str]:
@@ -41,6 +46,16 @@ class MergeContext:
         """τₖ per task, computed tensor by tensor on access (no second full copy of every checkpoint)."""
         return [TaskVectorView(self.finetuned[n], self.pretrained, source=f"fine-tuned checkpoint of {n!r}")
                 for n in self.task_names]
+
+    def ties_rule(self, trim_count: str, zero_sign: str = "majority") -> dict:
+        """Keyword arguments of the TIES functions for ``trim_count``: 'image_encoder' counts, as the official
+        AdaMerging code, the ImageEncoder's text-side tensors (zero τ) in n; 'tower' counts the tower as the
+        fine-tuned checkpoints hold it (FusionBench). Tensors filled in from θ₀ are never counted in 'tower'."""
+        if trim_count not in TRIM_COUNTS:
+            raise ValueError(f"unknown TIES trim_count {trim_count!r}; valid: {', '.join(TRIM_COUNTS)}")
+        if trim_count == "image_encoder":
+            return {"zero_sign": zero_sign, "extra_zeros": self.image_encoder_extra}
+        return {"zero_sign": zero_sign, "uncounted": [self.filled.get(n, frozenset()) for n in self.task_names]}
 
     def evaluate(self, params: StateDict | Mapping[str, StateDict], split: str = "test", per_task: bool = False) -> dict[str, float]:
         by_task = params if per_task else {n: params for n in self.task_names}

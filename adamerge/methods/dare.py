@@ -6,7 +6,7 @@ from typing import Sequence
 
 from adamerge.merging import dare_vector
 from adamerge.merging.dare import BASE_METHODS
-from adamerge.methods.base import MergeContext, StateDict
+from adamerge.methods.base import TRIM_COUNTS, MergeContext, StateDict
 from adamerge.methods.scaled import _Scaled
 
 _LABELS = {"task_arithmetic": "DARE + Task Arithmetic", "ties": "DARE + TIES-Merging"}
@@ -17,7 +17,8 @@ class Dare(_Scaled):
 
     def __init__(self, p: float = 0.5, base: str = "task_arithmetic", lam: float = 0.3,
                  lam_grid: Sequence[float] | None = None, keep: float = 0.2, merge: str = "mean",
-                 rescale: bool = True, seed: int | None = None, label: str | None = None):
+                 rescale: bool = True, seed: int | None = None, trim_count: str = "image_encoder",
+                 zero_sign: str = "majority", label: str | None = None):
         if base not in BASE_METHODS:
             raise ValueError(f"unknown DARE base method {base!r}; valid: {', '.join(BASE_METHODS)}")
         if not 0.0 <= float(p) < 1.0:
@@ -25,8 +26,12 @@ class Dare(_Scaled):
         super().__init__(lam, lam_grid)
         self.p, self.base, self.keep, self.merge_function = float(p), base, float(keep), merge
         self.rescale, self.seed = bool(rescale), seed
+        if trim_count not in TRIM_COUNTS:
+            raise ValueError(f"unknown TIES trim_count {trim_count!r}; valid: {', '.join(TRIM_COUNTS)}")
+        self.trim_count, self.zero_sign = trim_count, zero_sign
         self.label = label or _LABELS[base]
 
     def direction(self, ctx: MergeContext) -> StateDict:
         seed = ctx.seed if self.seed is None else int(self.seed)
-        return dare_vector(ctx.vectors, self.p, seed, self.base, self.keep, self.merge_function, self.rescale)
+        rule = ctx.ties_rule(self.trim_count, self.zero_sign) if self.base == "ties" else {}
+        return dare_vector(ctx.vectors, self.p, seed, self.base, self.keep, self.merge_function, self.rescale, **rule)

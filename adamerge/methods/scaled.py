@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from adamerge.merging import add_scaled, sum_vectors, ties_vector
-from adamerge.methods.base import MergeContext, MergeResult, Method, StateDict
+from adamerge.merging.ties import MERGE_FUNCTIONS, check_keep, check_zero_sign
+from adamerge.methods.base import TRIM_COUNTS, MergeContext, MergeResult, Method, StateDict
 
 
 class _Scaled(Method):
@@ -44,13 +45,21 @@ class TaskArithmetic(_Scaled):
 
 
 class Ties(_Scaled):
-    """θ = θ₀ + λ · disjoint_merge(trim_k(τ₁..τ_K))."""
+    """θ = θ₀ + λ · disjoint_merge(trim_k(τ₁..τ_K)); the trimming rule of adamerge/merging/ties.py, with n counted
+    as ``trim_count`` says ('image_encoder': the official AdaMerging code; 'tower': FusionBench)."""
 
-    def __init__(self, keep: float = 0.2, merge: str = "mean", lam: float = 1.0,
-                 lam_grid: Sequence[float] | None = None, label: str | None = None):
+    def __init__(self, keep: float = 0.2, merge: str = "sum", lam: float = 0.3,
+                 lam_grid: Sequence[float] | None = None, trim_count: str = "image_encoder",
+                 zero_sign: str = "majority", label: str | None = None):
         super().__init__(lam, lam_grid)
-        self.keep, self.merge_function = float(keep), merge
+        self.keep, self.merge_function = check_keep(keep), merge
+        if merge not in MERGE_FUNCTIONS:
+            raise ValueError(f"unknown TIES merge function {merge!r}; valid: {', '.join(MERGE_FUNCTIONS)}")
+        if trim_count not in TRIM_COUNTS:
+            raise ValueError(f"unknown TIES trim_count {trim_count!r}; valid: {', '.join(TRIM_COUNTS)}")
+        self.trim_count, self.zero_sign = trim_count, check_zero_sign(zero_sign)
         self.label = label or "TIES-Merging"
 
     def direction(self, ctx: MergeContext) -> StateDict:
-        return ties_vector(ctx.vectors, keep=self.keep, merge=self.merge_function)
+        return ties_vector(ctx.vectors, keep=self.keep, merge=self.merge_function,
+                           **ctx.ties_rule(self.trim_count, self.zero_sign))

@@ -36,7 +36,27 @@ class Backbone:
 
     @property
     def visual(self) -> torch.nn.Module:
+        """The tower that is merged: its state dict is what checkpoints hold and methods combine."""
         return self.clip.visual
+
+    def encode_text(self, tokens) -> torch.Tensor:
+        """Projected text features of ``tokenizer(texts)``."""
+        return self.clip.encode_text(tokens)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale
+
+    def text_state(self):
+        """``(key, tensor)`` of everything outside the merged tower: all a zero-shot head depends on."""
+        return ((k, v) for k, v in self.clip.state_dict().items() if not k.startswith("visual."))
+
+    def image_encoder_extra(self) -> int:
+        """Entries the official AdaMerging code flattens beside the vision tower when it trims: its
+        ``ImageEncoder`` is CLIP without the text transformer, so the token and positional embeddings,
+        ``ln_final``, ``text_projection`` and ``logit_scale`` stay in the state dict, with task vector 0."""
+        return sum(v.numel() for k, v in self.clip.state_dict().items()
+                   if not k.startswith(("visual.", "transformer.")) and v.is_floating_point())
 
     @property
     def image_size(self) -> int:

@@ -51,3 +51,21 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a safetensors file ({err})") from err
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (empty when it has none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a safetensors file ({err})") from err
+
+
+def filled_keys(path: str | Path) -> frozenset[str]:
+    """Tensors a converter filled in from θ₀ because the source checkpoint lacked them (metadata
+    ``filled_from_pretrained``): not part of what was fine-tuned, so outside TIES's trimming domain."""
+    raw = read_metadata(path).get("filled_from_pretrained")
+    return frozenset(json.loads(raw)) if raw else frozenset()
