@@ -210,7 +210,7 @@ def compose_cfg(overrides):
 
 def test_hydra_model_and_pool_configs_run_on_hf_folders(hf_clip, hf_dirs, tmp_path):
     root, towers = hf_dirs
-    cfg = compose_cfg(["model=hf_clip", f"model.source={root / 'pretrained'}", f"model.arch={ARCH}",
+    cfg = compose_cfg(["model=hf_clip", "model.native=false", f"model.source={root / 'pretrained'}", f"model.arch={ARCH}",
                        "pool=huggingface", f"pool.finetuned_dir={root / 'finetuned'}", "pool.pattern='{task}'",
                        f"paths.cache_dir={tmp_path}"])
     backbone, pool = instantiate(cfg.model), instantiate(cfg.pool)

@@ -21,9 +21,10 @@ from adamerge.models.heads import zero_shot_head
 def text_side_digest(backbone: Backbone) -> str:
     """Hash of every CLIP tensor outside the vision tower (all that a zero-shot head depends on)."""
     h = hashlib.sha256(backbone.name.encode())
-    for key, value in backbone.clip.state_dict().items():
-        if key.startswith("visual."):
-            continue
+    tokenizer = getattr(backbone.tokenizer, "tokenizer", None)  # a transformers tokenizer: its vocabulary counts too
+    if tokenizer is not None:
+        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    for key, value in backbone.text_state():
         h.update(key.encode())
         h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from adamerge.models.checkpoints import CheckpointError, save_state_dict
+from adamerge.merging import check_compatible, check_finite
 from adamerge.models.pool import CheckpointPool, MissingCheckpointError
 
 StateDict = dict[str, torch.Tensor]
@@ -260,13 +261,17 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
 
 def convert_hf_vision(source: str | Path, out: str | Path, projection: torch.Tensor | None = None) -> Path:
     """Write the open_clip vision tower of a transformers CLIP folder as native safetensors at ``out``."""
-    state = hf_vision_to_open_clip(read_hf_state_dict(source), projection=projection, source=str(source))
-    return save_state_dict(out, state, metadata={"converted_from": str(source), "format": "open_clip visual"})
+    raw = read_hf_state_dict(source)
+    state = hf_vision_to_open_clip(raw, projection=projection, source=str(source))
+    meta = {"converted_from": str(source), "format": "open_clip visual"}
+    if "visual_projection.weight" not in raw:  # proj came from θ₀: not a fine-tuned tensor (TIES leaves it out of n)
+        meta["filled_from_pretrained"] = ["proj"]
+    return save_state_dict(out, state, metadata=meta)
 
 
 def cached_hf_vision(source: Path, cache_dir: str | Path, projection: torch.Tensor | None = None) -> Path:
     """``convert_hf_vision`` once per content: the file name hashes the weights (and a filled-in ``proj``)."""
-    h = hashlib.sha256(b"adamerge-hf-vision-v1")
+    h = hashlib.sha256(b"adamerge-hf-vision-v2")
     for path in weight_files(source):
         h.update(file_digest(path).encode())
     if projection is not None:
@@ -278,6 +283,11 @@ def cached_hf_vision(source: Path, cache_dir: str | Path, projection: torch.Tens
 
 
 # ---- a pool for Hydra ----------------------------------------------------------------------------------
+
+def _native(state: StateDict) -> bool:
+    """A tower in the transformers layout (the native backbone), not open_clip's."""
+    return any(k.startswith("vision_model.") for k in state)
+
 
 @dataclass
 class HFCheckpointPool(CheckpointPool):
@@ -301,6 +311,7 @@ class HFCheckpointPool(CheckpointPool):
     hub_cache_dir: str | None = None
     download: bool = False
     _projection: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _native_projection: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def source_for(self, task: str) -> str:
         if task in self.hf_finetuned:
@@ -335,8 +346,11 @@ class HFCheckpointPool(CheckpointPool):
         return done
 
     def load(self, task_names: list[str], backbone_visual: torch.nn.Module) -> tuple[StateDict, dict[str, StateDict]]:
+        reference = backbone_visual.state_dict()
+        if _native(reference):
+            return self._load_native(task_names, backbone_visual)
         # θ₀ first: its projection completes fine-tuned towers that lack one (FusionBench's).
-        self._projection = backbone_visual.state_dict()["proj"]
+        self._projection = reference["proj"]
         if self.hf_pretrained:
             self.pretrained = self._convert_all({"pretrained": self.hf_pretrained})["pretrained"]
             self._projection = load_file(str(self.pretrained))["proj"]
@@ -344,7 +358,72 @@ class HFCheckpointPool(CheckpointPool):
                                                                  if t not in self.finetuned})}
         return super().load(task_names, backbone_visual)
 
+    # ---- the transformers tower as it is (model=hf_clip): no conversion, FusionBench's tensors ----------
+
+    def _native_state(self, source: str, name: str) -> StateDict:
+        from adamerge.models.hf_native import hf_vision_state
+
+        folder = resolve_hf_source(source, self.hub_cache_dir, self.download)
+        raw = read_hf_state_dict(folder)
+        projection = raw.get("visual_projection.weight")
+        if projection is not None and self._native_projection is not None and not torch.equal(
+                projection.to(self._native_projection.dtype), self._native_projection):
+            raise HFCheckpointError(
+                f"{name} ({source}) carries a visual_projection that differs from the backbone's: the transformers "
+                f"tower merges vision_model.* only and keeps θ₀'s projection (FusionBench's setting). To merge the "
+                f"projection too, use an open_clip backbone (model=vit_b32 ... pool=huggingface converts it).")
+        return hf_vision_state(raw, f"{name} ({source})")
+
+    def _native_all(self, sources: dict[str, str]) -> dict[str, StateDict]:
+        done, lacking = {}, []
+        for name, source in sources.items():
+            try:
+                done[name] = self._native_state(source, name)
+            except HFCheckpointUnavailable as err:
+                lacking.append((name, source, err))
+        if lacking:
+            hub = [s for _, s, _ in lacking if _hub_id(s)]
+            fetch = "; ".join(_download_hint(s, self.hub_cache_dir) for s in hub)
+            raise HFCheckpointUnavailable(
+                f"{len(lacking)} Hugging Face model(s) unavailable: " + ", ".join(f"{n} ({s})" for n, s, _ in lacking)
+                + (f". adamerge does not download at run time; on a machine with internet run: {fetch}" if hub else "")
+                + ". Or give local folders: pool.finetuned_dir=DIR pool.pattern={task}, or pool.finetuned.<task>=DIR.")
+        return done
+
+    def _load_native(self, task_names: list[str], backbone_visual: torch.nn.Module):
+        reference = {k: v.detach() for k, v in backbone_visual.state_dict().items()}
+        self._dtypes = {k: v.dtype for k, v in reference.items()}
+        self._native_projection = getattr(backbone_visual, "projection", None)
+        if self.hf_pretrained:
+            theta0 = self._native_all({"pretrained": self.hf_pretrained})["pretrained"]
+            check_compatible(reference, theta0, source=f"pre-trained model {self.hf_pretrained}")
+            theta0 = self._admit(theta0, "pretrained", self.hf_pretrained)
+        else:
+            theta0 = {k: v.clone() for k, v in reference.items()}
+            check_finite(theta0, "the backbone's own vision tower (θ₀)", hint="Check the backbone's weight file.")
+        sources = {t: str(self.finetuned[t]) if t in self.finetuned else self.source_for(t) for t in task_names}
+        states = self._native_all(sources)
+        finetuned = {}
+        for task in task_names:
+            check_compatible(theta0, states[task], source=f"fine-tuned model of {task!r} ({sources[task]})")
+            finetuned[task] = self._admit(states[task], task, sources[task])
+            self.filled[task] = frozenset()
+        self._native_theta0 = theta0
+        return theta0, finetuned
+
     def load_candidates(self, task: str, theta0: StateDict, need: int = 2) -> list[StateDict]:
+        if _native(theta0):
+            sources = list(self.hf_candidates.get(task, []))
+            if len(sources) < need:
+                raise MissingCheckpointError(
+                    f"task {task!r} needs {need} fine-tuned models (e.g. its best two checkpoints) but "
+                    f"{len(sources)} were given: pool.candidates.{task}=[folder_a,folder_b].")
+            states = self._native_all({f"{task}[{i}]": s for i, s in enumerate(sources[:need])})
+            out = []
+            for name, state in states.items():
+                check_compatible(theta0, state, source=f"checkpoint {name}")
+                out.append(self._admit(state, name, name))
+            return out
         if self._projection is None:
             self._projection = theta0["proj"]
         return super().load_candidates(task, theta0, need)
