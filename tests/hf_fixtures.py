@@ -34,7 +34,7 @@ def tiny_clip_config(vocab_size: int, image_size: int = 16, layers: int = 2):
 
     return CLIPConfig(
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=32, vocab_size=vocab_size),
+                         max_position_embeddings=128, vocab_size=vocab_size),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
                            image_size=image_size, patch_size=8),
         projection_dim=24)

@@ -16,13 +16,12 @@ def prepare_command(task: str, data_dir: str | Path) -> str:
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's folder (or one of its split folders / files) does not exist or holds no images."""
 
-    def __init__(self, task: str, data_dir: str | Path, looked_in: str | Path, problem: str, layout: list[str]):
+    def __init__(self, task: str, data_dir: str | Path, looked_in: str | Path, problem: str, layout: list[str],
+                 fix: str | None = None):
         self.task, self.data_dir, self.looked_in = task, Path(data_dir), Path(looked_in)
         lines = "\n".join(f"    {line}" for line in layout)
-        super().__init__(
-            f"{problem} ({looked_in}).\n"
-            f"  Expected under {data_dir}:\n{lines}\n"
-            f"  Fix: {prepare_command(task, data_dir)}   (downloads it, or prints where to get it and how to arrange it)")
+        fix = fix or f"{prepare_command(task, data_dir)}   (downloads it, or prints where to get it and how to arrange it)"
+        super().__init__(f"{problem} ({looked_in}).\n  Expected under {data_dir}:\n{lines}\n  Fix: {fix}")
 
 
 class IncompleteDatasetError(DatasetNotFoundError):

@@ -163,14 +163,28 @@ class ModelDir:
         return self._handles[name].get_tensor(key)
 
 
-def check_same_tensors(base: ModelDir, models: list[ModelDir]) -> None:
-    """Every model must hold the base's tensors with the base's shapes (float vs integer kinds alike)."""
+def _module(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def check_same_tensors(base: ModelDir, models: list[ModelDir]) -> list[str]:
+    """Every model must hold the base's tensors with the base's shapes (float vs integer kinds alike) — or,
+    as FusionBench publishes CLIP (a ``CLIPModel`` base, ``CLIPVisionModel`` fine-tunes), the base's tensors
+    of whole top-level modules that *no* model has (``text_model.*``, ``logit_scale``, …) are the base's in
+    the output. Returns those base-only keys. A module some model holds only in part is an error, so a
+    truncated export never passes as "copied from the base"."""
+    held = [set(m.info) for m in models]
+    absent_everywhere = {k for k in base.info if all(k not in h for h in held)}
+    partial = sorted({_module(k) for k in absent_everywhere} & {_module(k) for h in held for k in h})
+    base_only = sorted(k for k in absent_everywhere if _module(k) not in partial)
+    reference = {k: v for k, v in base.info.items() if k not in base_only}
     for model in models:
         try:
-            check_compatible(base.info, model.info, source=f"model directory {model.path}")
+            check_compatible(reference, model.info, source=f"model directory {model.path}")
         except CheckpointMismatchError as err:
             problems = str(err).split(". Is it from the same architecture")[0]  # drop the CLIP-specific hint
             raise CheckpointMismatchError(
                 f"{problems}. Every --models directory must be fine-tuned from --base {base.path} (same architecture, "
                 "hidden size, layers; an SFT that added tokens resized embed_tokens/lm_head, so resize the base "
                 "the same way first)") from err
+    return base_only

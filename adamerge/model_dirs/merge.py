@@ -89,12 +89,16 @@ def merge_model_dirs(base: str | Path, models: Sequence[str | Path], method: str
     if not copy_dir.is_dir():
         raise ModelDirError(f"--copy-from {copy_dir} is not a directory")
     _check_output(out, [base_dir.path, copy_dir, *(m.path for m in model_dirs)], force)
-    check_same_tensors(base_dir, model_dirs)
+    base_only = check_same_tensors(base_dir, model_dirs)
+    if base_only:
+        modules = sorted({k.split(".", 1)[0] for k in base_only})
+        log(f"{len(base_only)} tensors of the base are in no fine-tuned model ({', '.join(modules)}): written as the "
+            f"base's (e.g. a CLIPModel base with CLIPVisionModel fine-tunes)")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        written = _write_weights(tmp, base_dir, model_dirs, spec, params, log)
+        written = _write_weights(tmp, base_dir, model_dirs, spec, params, log, frozenset(base_only))
         copied = []
         for path in files_to_copy(copy_dir):
             shutil.copy2(path, tmp / path.name)
@@ -105,6 +109,7 @@ def merge_model_dirs(base: str | Path, models: Sequence[str | Path], method: str
             "base": base_dir.fingerprint(), "models": [m.fingerprint() for m in model_dirs],
             "copied_from": str(copy_dir.resolve()), "copied_files": copied,
             "output": written,
+            "copied_from_base": sorted({k.split(".", 1)[0] for k in base_only}),
             "command": " ".join(command) if command is not None else None,
             "adamerge_version": adamerge.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -119,7 +124,8 @@ def merge_model_dirs(base: str | Path, models: Sequence[str | Path], method: str
     return out
 
 
-def _write_weights(folder: Path, base: ModelDir, models: Sequence[ModelDir], spec, params: dict, log) -> dict:
+def _write_weights(folder: Path, base: ModelDir, models: Sequence[ModelDir], spec, params: dict, log,
+                   base_only: frozenset = frozenset()) -> dict:
     """One output file per base weight file, holding the same tensors; the index when the base has one."""
     total_size = 0
     dtypes: dict[str, int] = {}
@@ -131,7 +137,8 @@ def _write_weights(folder: Path, base: ModelDir, models: Sequence[ModelDir], spe
             log(f"[{i}/{len(base.files)}] {name}: merging {len(keys)} tensors ({spec.name})")
             shard = {}
             for key in keys:
-                tensor = merge_tensor(key, base.tensor(key), [m.tensor(key) for m in models], spec, params)
+                tensor = base.tensor(key) if key in base_only else merge_tensor(
+                    key, base.tensor(key), [m.tensor(key) for m in models], spec, params)
                 shard[key] = tensor.contiguous()
                 total_size += tensor.numel() * tensor.element_size()
                 dtypes[str(tensor.dtype)] = dtypes.get(str(tensor.dtype), 0) + 1

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from adamerge.models.checkpoints import CheckpointError, save_state_dict
 from adamerge.merging import check_compatible, check_finite
-from adamerge.models.pool import CheckpointPool, MissingCheckpointError
+from adamerge.models.pool import CheckpointPool, MissingCheckpointError, fill_pattern
 
 StateDict = dict[str, torch.Tensor]
 
@@ -317,7 +317,7 @@ class HFCheckpointPool(CheckpointPool):
         if task in self.hf_finetuned:
             return str(self.hf_finetuned[task])
         renames = {k.casefold(): v for k, v in self.task_names.items()}
-        name = self.hf_pattern.format(task=renames.get(task.casefold(), task), hub_model=self.hub_model)
+        name = fill_pattern(self.hf_pattern, task=renames.get(task.casefold(), task), hub_model=self.hub_model)
         return str(Path(self.hf_dir) / name) if self.hf_dir else name
 
     def _convert(self, source: str) -> Path:
@@ -442,7 +442,7 @@ def hf_checkpoint_pool(pretrained: str | None = None, finetuned: dict[str, str] 
                        hub_cache_dir: str | None = None, download: bool = False) -> HFCheckpointPool:
     """The pool of ``conf/pool/huggingface.yaml``: θ₀ and θₖ from transformers CLIP folders or Hub ids."""
     return HFCheckpointPool(
-        hf_pretrained=pretrained.format(hub_model=hub_model) if pretrained else None,
+        hf_pretrained=fill_pattern(pretrained, hub_model=hub_model) if pretrained else None,
         hf_finetuned={k: str(v) for k, v in (finetuned or {}).items()}, hf_dir=finetuned_dir, hf_pattern=pattern,
         hub_model=hub_model, task_names=dict(task_names or {}),
         hf_candidates={k: [str(s) for s in v] for k, v in (candidates or {}).items()},
