@@ -19,10 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from adamerge.adaptation.distributed import raise_with_rank_failures
 from adamerge.adaptation.host_memory import keep_freed_host_memory_on
 from adamerge.evaluation.accuracy import accuracies
+from adamerge.merging import check_finite
 from adamerge.methods.base import MergeContext
 from adamerge.models.head_cache import cached_heads
 from adamerge.plots.curves import adaptation_curves
-from adamerge.results import append_record, check_writable, make_record
+from adamerge.results import append_record, check_writable, make_record, write_record_file
+from adamerge.results.hydra_callback import RECORD_FILE
+from adamerge.validation import validate_run_config
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ def rescale_heads(heads: dict[str, torch.Tensor], backbone, scale: float | None)
     """
     if scale is None:
         return heads
-    current = float(backbone.clip.logit_scale.exp())
+    current = float(backbone.logit_scale.exp())
     return {name: head * (float(scale) / current) for name, head in heads.items()}
 
 
@@ -154,6 +157,7 @@ def finish_wandb() -> None:
 
 def _run(cfg: DictConfig) -> float:
     started = time.time()
+    validate_run_config(cfg)  # every top-level option, before anything loads
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     # Lightning sets its logger to INFO when imported (after Hydra configured logging): hardware tips.
@@ -177,19 +181,25 @@ def _run(cfg: DictConfig) -> float:
     names = [t.name for t in tasks]
     theta0, finetuned = pool.load(names, backbone.visual)
     heads = rescale_heads(cached_heads(backbone, tasks, cfg.paths.get("cache_dir")), backbone, cfg.get("head_logit_scale"))
+    check_finite(heads, "the zero-shot heads", hint="The backbone's text tower gives NaN/Inf text features; check "
+                 "its weights (and delete stale heads under <cache_dir>/heads).")
     loaded = time.time()
 
     loggers = make_loggers(cfg)  # Lightning loggers write on rank zero only
     ctx = MergeContext(backbone=backbone, tasks=tasks, pretrained=theta0, finetuned=finetuned, heads=heads,
                        run_dir=run_dir, seed=cfg.seed, device=device,
                        eval_batch_size=cfg.get("eval_batch_size", 256),
-                       make_trainer=make_trainer_factory(cfg, loggers), ckpt_path=cfg.get("ckpt_path"), pool=pool)
+                       make_trainer=make_trainer_factory(cfg, loggers), ckpt_path=cfg.get("ckpt_path"), pool=pool,
+                       image_encoder_extra=backbone.image_encoder_extra(), filled=dict(getattr(pool, "filled", {})))
     try:
         result = method.run(ctx)
     except Exception as err:  # in a multi-process job, surface the rank that failed first
         raise_with_rank_failures(run_dir, err, since=started)
         raise
     merged = time.time()
+    for name, params in ({"merged": result.params} if result.per_task is None else result.per_task).items():
+        check_finite(params, f"the {method.label} merge ({name})", hint="Its inputs were finite, so the method "
+                     "diverged (e.g. a λ far outside [0, 1]); nothing is recorded.")
     if result.per_task is not None:
         accuracy = ctx.evaluate(result.per_task, per_task=True)
     else:
@@ -205,8 +215,6 @@ def _run(cfg: DictConfig) -> float:
             result.extra["unseen_accuracy"] = accuracies(backbone.visual, {t.name: result.params for t in unseen},
                                                          unseen_heads, unseen, "test", ctx.eval_batch_size, ctx.device)
     objective = cfg.get("optimized_metric", "test")
-    if objective not in ("test", "val"):
-        raise ValueError(f"optimized_metric must be 'test' or 'val', got {objective!r}")
     val_accuracy = None
     if objective == "val":
         val_accuracy = (ctx.evaluate(result.per_task, split="val", per_task=True) if result.per_task is not None
@@ -227,9 +235,11 @@ def _run(cfg: DictConfig) -> float:
                             "evaluate": round(time.time() - merged, 2)}
         extra["run_dir"] = str(run_dir)
         extra["host_memory_kept"] = host_memory_kept
+        extra["checkpoint_dtypes"] = dict(getattr(pool, "stored_dtypes", {}))
         record = make_record(experiment=cfg.name, method=cfg.method_name, label=method.label,
                              model=str(cfg.model_name), seed=cfg.seed, accuracy=accuracy, tasks=names, extra=extra,
                              config=OmegaConf.to_container(cfg, resolve=True))
+        write_record_file(run_dir / RECORD_FILE, record)  # what this sweep's table reads
         append_record(records_dir / f"{cfg.name}.jsonl", record)
         print_row(method.label, accuracy)
         if "unseen_accuracy" in extra:

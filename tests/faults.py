@@ -20,3 +20,14 @@ class FailOnRank(L.Callback):
             if self.hang:  # a rank stuck outside any collective (a dead GPU, a stalled file system)
                 time.sleep(3600)
             raise InjectedFailure(f"injected failure on rank {self.rank} at step {self.step}")
+
+
+class InterruptAt(L.Callback):
+    """Raise KeyboardInterrupt at one step, as Ctrl-C in a terminal does."""
+
+    def __init__(self, step: int = 3):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt

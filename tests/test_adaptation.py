@@ -106,9 +106,9 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_coefficients(ctx, monkeypa
     calls = {"n": 0}
     real = module_mod.entropy_loss
 
-    def poisoned(logits):
+    def poisoned(logits, *args):
         calls["n"] += 1
-        return real(logits) * (math.nan if calls["n"] > 6 else 1.0)  # 3 tasks/step: step 2 goes NaN
+        return real(logits, *args) * (math.nan if calls["n"] > 6 else 1.0)  # 3 tasks/step: step 2 goes NaN
 
     monkeypatch.setattr(module_mod, "entropy_loss", poisoned)
     with pytest.raises(NonFiniteLossError, match="step 2") as err:

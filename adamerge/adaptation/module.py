@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -10,9 +9,11 @@ import lightning as L
 import torch
 from torch.func import functional_call
 
+from adamerge.adaptation.checkpointing import IDENTITY_KEY
 from adamerge.adaptation.coefficient_file import save_coefficients
 from adamerge.adaptation.host_memory import keep_freed_host_memory_on
 from adamerge.merging import MergeCoefficients, StackedTaskVectors, entropy_loss
+from adamerge.merging.entropy import check_entropy_kind
 from adamerge.models.heads import logits
 
 FORWARD_MODES = ("concat", "per_task")
@@ -34,7 +35,8 @@ class AdaMergingModule(L.LightningModule):
                  optimizer: Callable, granularity: str = "layer", init: float = 0.3,
                  clamp: tuple[float, float] | None = (0.0, 1.0), forward_mode: str = "concat",
                  last_good_path: str | Path | None = None, method: str = "adamerging",
-                 ties_keep: float | None = None, reuse_host_memory: bool = True):
+                 trimming: dict | None = None, reuse_host_memory: bool = True, batches_per_task: int = 1,
+                 entropy: str = "exact", identity: dict | None = None):
         super().__init__()
         if forward_mode not in FORWARD_MODES:
             raise ValueError(f"unknown forward_mode {forward_mode!r}; valid: {', '.join(FORWARD_MODES)}")
@@ -49,7 +51,11 @@ class AdaMergingModule(L.LightningModule):
         self.coefficients = MergeCoefficients(stacked.num_tasks, stacked.num_layers, granularity, init, clamp)
         self.optimizer_factory, self.forward_mode, self.method = optimizer, forward_mode, method
         self.last_good_path = Path(last_good_path) if last_good_path else None
-        self.ties_keep = ties_keep
+        self.trimming = trimming
+        # The official loss is Σ over a task's batches of each batch's mean entropy: with equal batches that is
+        # batches_per_task × the mean over all its images (the same under Adam, twice the step under SGD).
+        self.batches_per_task, self.entropy = int(batches_per_task), check_entropy_kind(entropy)
+        self.identity = identity  # what λ means (tasks, tensors, granularity, trimming): stored in checkpoints
         self.reuse_host_memory = reuse_host_memory
         self._last_good = self.coefficients.raw.detach().clone()
         self._log_now = True
@@ -67,7 +73,7 @@ class AdaMergingModule(L.LightningModule):
         return self.stacked.merge(self.coefficients())
 
     def backward_entropy(self, batch: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Σₖ H(task k) for one step, with its gradient accumulated into λ; returns the (detached) loss.
+        """Σₖ Σ_batches H(task k) for one step, with its gradient accumulated into λ; returns the (detached) loss.
 
         ``concat``: all tasks' images through the merged encoder in one pass, one backward.
         ``per_task``: the merged weights become detached leaves; each task runs forward and backward
@@ -83,19 +89,19 @@ class AdaMergingModule(L.LightningModule):
             total = 0.0
             for i, (name, f) in enumerate(zip(self.task_names, feats)):
                 out = logits(f, self.head(i))
-                entropies[name] = (entropy_loss(out), out)
-                total = total + entropies[name][0]
+                entropies[name] = (entropy_loss(out, self.entropy), out)
+                total = total + self.batches_per_task * entropies[name][0]
             self.manual_backward(total)
         else:
             leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}
             for i, name in enumerate(self.task_names):
                 out = logits(functional_call(self.visual, leaves, (batch[name][0],)), self.head(i))
-                h = entropy_loss(out)
-                self.manual_backward(h)
+                h = entropy_loss(out, self.entropy)
+                self.manual_backward(self.batches_per_task * h)
                 entropies[name] = (h.detach(), out.detach())
             keys = [k for k in merged if leaves[k].grad is not None]
             torch.autograd.backward([merged[k] for k in keys], [leaves[k].grad for k in keys])
-        total = torch.stack([h.detach() for h, _ in entropies.values()]).sum()
+        total = self.batches_per_task * torch.stack([h.detach() for h, _ in entropies.values()]).sum()
         if self._log_now:
             metrics = {}
             for name, (h, out) in entropies.items():
@@ -131,30 +137,30 @@ class AdaMergingModule(L.LightningModule):
         return total
 
     def _guard(self, loss: torch.Tensor) -> None:
-        """Stop at the first non-finite loss, λ or gradient, saving the last coefficients that were finite."""
+        """Stop at the first non-finite loss, gradient or λ, saving the last coefficients that were finite."""
         grad = self.coefficients.raw.grad
-        checks = torch.isfinite(loss).all() & torch.isfinite(self.coefficients.raw).all()
+        parts = [torch.isfinite(loss).all(), torch.isfinite(self.coefficients.raw).all()]
         if grad is not None:
-            checks = checks & torch.isfinite(grad).all()
-        finite = bool(checks)  # one host sync per step, not three (it stalls a GPU's queue)
-        if finite:
+            parts.append(torch.isfinite(grad).all())
+        flags = torch.stack(parts).tolist()  # one host sync per step, not three (it stalls a GPU's queue)
+        if all(flags):
             self._last_good = self.coefficients.raw.detach().clone()
             return
         step = self.global_step
+        what = [name for name, ok in zip(("loss", "coefficients", "gradient of the coefficients"), flags) if not ok]
         where = ""
-        if self.last_good_path is not None and self.trainer.is_global_zero:
-            lam = MergeCoefficients(self.stacked.num_tasks, self.stacked.num_layers, self.coefficients.granularity,
-                                    clamp=self.coefficients.clamp)
+        if self.last_good_path is not None and self.trainer.is_global_zero and torch.isfinite(self._last_good).all():
             with torch.no_grad():
-                lam.raw.copy_(self._last_good)
-            save_coefficients(self.last_good_path, lam(), granularity=self.coefficients.granularity,
+                lam = self.coefficients.values(self._last_good)
+            save_coefficients(self.last_good_path, lam, granularity=self.coefficients.granularity,
                               tasks=self.task_names, layers=self.stacked.keys, method=self.method,
-                              ties_keep=self.ties_keep, step=step)
-            where = f"; the last finite coefficients are in {self.last_good_path}"
-        value = float(loss) if loss.numel() == 1 else math.nan
-        raise NonFiniteLossError(f"non-finite {'loss' if not math.isfinite(value) else 'coefficients'} "
-                                 f"at step {step} (loss={value}){where}. Lower the learning rate "
-                                 f"(optimizer.lr) or keep the clamp (method.clamp).")
+                              trimming=self.trimming, step=step)
+            where = f"; the last finite coefficients (before step {step}) are in {self.last_good_path}"
+        advice = ("Lower the learning rate (optimizer.lr) or keep the clamp (method.clamp)" if "loss" not in what else
+                  "The merged model's predictions overflowed: check the inputs (checkpoints, heads, images), "
+                  "lower the learning rate (optimizer.lr) or keep the clamp (method.clamp)")
+        raise NonFiniteLossError(f"non-finite {' and '.join(what)} at step {step} (loss={float(loss.reshape(-1)[0])})"
+                                 f"{where}. {advice}.")
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.coefficients.parameters())
@@ -162,6 +168,8 @@ class AdaMergingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Only λ is state: the backbone and task vectors are inputs that every run reloads.
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("coefficients.")}
+        if self.identity is not None:
+            checkpoint[IDENTITY_KEY] = self.identity
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if "coefficients.raw" not in state_dict:

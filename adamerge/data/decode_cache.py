@@ -42,6 +42,20 @@ CACHE_VERSION = 1
 META = "meta.json"
 
 
+class UnreadableImageError(OSError):
+    """An image of a dataset that cannot be decoded (truncated, not an image), named by its file."""
+
+
+def describe_sample(dataset, i: int) -> str:
+    """Where sample ``i`` of a dataset is stored: its file for folder datasets, else its index."""
+    if hasattr(dataset, "indices") and hasattr(dataset, "dataset"):  # torch Subset
+        return describe_sample(dataset.dataset, int(dataset.indices[i]))
+    samples = getattr(dataset, "samples", None) or getattr(dataset, "imgs", None)
+    if samples is not None and i < len(samples):
+        return str(samples[i][0])
+    return f"sample {i} of {type(dataset).__name__}"
+
+
 class Preprocessed(Dataset):
     """``(transform(image), label)`` of a dataset yielding ``(PIL image, label)``: the plain pipeline."""
 
@@ -52,8 +66,13 @@ class Preprocessed(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        image, label = self.dataset[i]
-        return self.transform(image), label
+        try:
+            image, label = self.dataset[i]
+            return self.transform(image), label
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError… on damaged files
+            raise UnreadableImageError(f"cannot decode {describe_sample(self.dataset, i)} ({type(err).__name__}: "
+                                       f"{err}): re-download or replace that file (or remove it from the dataset "
+                                       f"folder)") from err
 
 
 def split_transform(preprocess: Callable) -> tuple[Callable, Callable | None]:
@@ -119,11 +138,21 @@ class DecodedImages:
         self.__init__(state["path"], state["finish"])
 
 
+class _Unreadable:
+    """A sample that failed to decode, carried back from a loader worker so the error can name it cleanly."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
 class _Stored(Preprocessed):
-    """``(np.ndarray, label)``: what goes into the cache for each image."""
+    """``(np.ndarray, label)``: what goes into the cache for each image (or an :class:`_Unreadable`)."""
 
     def __getitem__(self, i: int):
-        image, label = super().__getitem__(i)
+        try:
+            image, label = super().__getitem__(i)
+        except UnreadableImageError as err:
+            return _Unreadable(str(err)), None
         return np.asarray(image), int(label)
 
 
@@ -141,8 +170,20 @@ def _build(raw: RawSplit, entry: Path, stored_transform: Callable, num_workers: 
         shutil.rmtree(stale, ignore_errors=True)
     tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
     tmp.mkdir(parents=True)
+    try:
+        _fill(raw, tmp, entry, stored_transform, num_workers)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-built entry behind
+        raise
+    shutil.rmtree(entry, ignore_errors=True)
+    os.replace(tmp, entry)
+
+
+def _fill(raw: RawSplit, tmp: Path, entry: Path, stored_transform: Callable, num_workers: int) -> None:
     source = _Stored(raw.dataset, stored_transform)
     first, _ = source[0]
+    if isinstance(first, _Unreadable):
+        raise UnreadableImageError(f"{entry.name}: {first.message}")
     images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=first.dtype,
                                        shape=(len(source),) + first.shape)
     labels = np.empty(len(source), dtype=np.int64)
@@ -150,6 +191,8 @@ def _build(raw: RawSplit, entry: Path, stored_transform: Callable, num_workers: 
     i = 0
     for batch in loader:
         for array, label in batch:
+            if isinstance(array, _Unreadable):
+                raise UnreadableImageError(f"{entry.name}: {array.message}")
             if array.shape != first.shape or array.dtype != first.dtype:
                 raise ValueError(f"image {i} of {entry.name} transforms to {array.dtype}{list(array.shape)}, the first "
                                  f"to {first.dtype}{list(first.shape)}: the transform must give one fixed size to be cached")
@@ -163,8 +206,6 @@ def _build(raw: RawSplit, entry: Path, stored_transform: Callable, num_workers: 
     meta = {"version": CACHE_VERSION, "count": int(len(labels)), "shape": list(first.shape), "dtype": str(first.dtype),
             "transform": transform_repr(stored_transform)}
     write_text_atomic(tmp / META, json.dumps(meta, indent=2))  # written last: marks the entry complete
-    shutil.rmtree(entry, ignore_errors=True)
-    os.replace(tmp, entry)
 
 
 def cached_split(raw: RawSplit, preprocess: Callable, cache_dir: str | Path, name: str, *,
@@ -176,7 +217,12 @@ def cached_split(raw: RawSplit, preprocess: Callable, cache_dir: str | Path, nam
     if len(raw) == 0:
         raise ValueError(f"{name}: nothing to cache, the split is empty")
     stored_transform, finish = split_transform(preprocess)
-    first_image, _ = raw.dataset[0]
+    first_image, _ = raw.dataset[0]  # PIL opens lazily: a damaged first file fails below, named
+    try:
+        stored_transform(first_image)
+    except Exception as err:
+        raise UnreadableImageError(f"{name}: cannot decode {describe_sample(raw.dataset, 0)} ({type(err).__name__}: "
+                                   f"{err}): re-download or replace that file") from err
     if finish is not None and not _exact(np.array(stored_transform(first_image)), finish, preprocess(first_image)):
         stored_transform, finish = preprocess, None  # the split is not exact for this transform: store floats
     key = cache_key(raw, stored_transform, root)

@@ -12,11 +12,12 @@ from adamerge.merging.fisher import diagonal_fisher, fisher_merge
 from adamerge.merging.regmean import collect_input_grams, reduce_off_diagonal, regmean_linear, regmean_merge
 from adamerge.merging.stacked import StackedTaskVectors
 from adamerge.merging.task_arithmetic import sum_vectors, task_arithmetic
-from adamerge.merging.task_vectors import CheckpointMismatchError, add_scaled, check_compatible, mergeable_keys, task_vector
+from adamerge.merging.task_vectors import (CheckpointMismatchError, NonFiniteTensorError, add_scaled, check_compatible,
+                                           check_finite, mergeable_keys, task_vector)
 from adamerge.merging.ties import elect_sign, ties_merge, ties_task_vectors, ties_vector, trim_top_k
 
 __all__ = [
-    "CheckpointMismatchError", "MergeCoefficients", "StackedTaskVectors", "add_scaled", "check_compatible",
+    "CheckpointMismatchError", "MergeCoefficients", "NonFiniteTensorError", "check_finite", "StackedTaskVectors", "add_scaled", "check_compatible",
     "dare_drop", "dare_merge", "dare_task_vectors", "dare_vector",
     "collect_input_grams", "diagonal_fisher", "fisher_merge", "reduce_off_diagonal", "regmean_linear", "regmean_merge",
     "elect_sign", "entropy_loss", "mergeable_keys", "sum_vectors", "task_arithmetic", "task_vector", "ties_merge",

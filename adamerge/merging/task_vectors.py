@@ -44,6 +44,24 @@ def check_compatible(pretrained: StateDict, finetuned: StateDict, source: str = 
             + ". Is it from the same architecture (e.g. ViT-B-32 vs ViT-B-16) and a vision-tower state dict?")
 
 
+class NonFiniteTensorError(ValueError):
+    """A tensor with NaN or Inf entries where a merge reads or writes weights, named with its source."""
+
+
+def check_finite(state: StateDict, source: str, hint: str = "") -> None:
+    """Raise :class:`NonFiniteTensorError` naming every floating tensor of ``state`` with NaN/Inf entries.
+
+    A single NaN weight turns a merge into chance-level accuracy that would otherwise be recorded."""
+    bad = []
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            count = int((~torch.isfinite(value)).sum())
+            bad.append(f"{key} ({count} of {value.numel()} entries)")
+    if bad:
+        raise NonFiniteTensorError(f"{source} holds non-finite values (NaN/Inf) in {len(bad)} tensor(s): "
+                                   f"{', '.join(bad[:6])}{' …' if len(bad) > 6 else ''}. {hint}".rstrip())
+
+
 def mergeable_keys(state: StateDict) -> list[str]:
     """Keys that merging touches: floating-point tensors, in state-dict order. Integer buffers stay θ₀'s."""
     return [k for k, v in state.items() if v.is_floating_point()]

@@ -10,12 +10,17 @@ from typing import Callable
 
 import torch
 
+from adamerge.adaptation.checkpointing import (InterruptCheckpoint, RunInterrupted, check_resume_checkpoint,
+                                               checkpoint_identity)
 from adamerge.adaptation.coefficient_file import load_coefficients, save_coefficients
 from adamerge.adaptation.datamodule import UnlabelledTasksDataModule
-from adamerge.adaptation.module import AdaMergingModule
-from adamerge.merging import MergeCoefficients, StackedTaskVectors
+from adamerge.adaptation.module import FORWARD_MODES, AdaMergingModule
+from adamerge.merging import StackedTaskVectors, mergeable_keys
+from adamerge.merging.coefficients import check_coefficient_spec
+from adamerge.merging.entropy import check_entropy_kind
 from adamerge.merging.stacked import resolve_dtype
-from adamerge.methods.base import MergeContext, MergeResult, Method
+from adamerge.merging.ties import check_keep, check_zero_sign
+from adamerge.methods.base import TRIM_COUNTS, MergeContext, MergeResult, Method
 from adamerge.plots.coefficients import coefficient_heatmap
 
 _LABELS = {("task", False): "Task-wise AdaMerging", ("layer", False): "Layer-wise AdaMerging",
@@ -29,37 +34,69 @@ class AdaptationOutOfMemory(RuntimeError):
 class AdaMerging(Method):
     def __init__(self, optimizer: Callable, granularity: str = "layer", init: float = 0.3,
                  clamp: tuple[float, float] | None = (0.0, 1.0), ties_keep: float | None = None,
+                 ties_count: str = "image_encoder", ties_zero_sign: str = "majority",
                  batch_size: int = 16, batches_per_task: int = 1, forward_mode: str = "concat",
                  coefficients: str | None = None, label: str | None = None, vector_dtype: str | None = None,
-                 reuse_host_memory: bool = True):
-        self.optimizer, self.granularity, self.init = optimizer, granularity, float(init)
-        self.clamp = tuple(clamp) if clamp is not None else None
-        self.ties_keep = float(ties_keep) if ties_keep is not None else None
+                 reuse_host_memory: bool = True, entropy: str = "exact"):
+        self.optimizer, self.granularity = optimizer, granularity
+        self.init, self.clamp = check_coefficient_spec(granularity, init, clamp)
+        self.ties_keep = check_keep(ties_keep) if ties_keep is not None else None
+        if ties_count not in TRIM_COUNTS:
+            raise ValueError(f"unknown TIES trim count method.ties_count={ties_count!r}; valid: {', '.join(TRIM_COUNTS)}")
+        self.ties_count, self.ties_zero_sign = ties_count, check_zero_sign(ties_zero_sign)
+        for key, value in (("batch_size", batch_size), ("batches_per_task", batches_per_task)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"method.{key}={value!r}: must be an integer ≥ 1")
+        if forward_mode not in FORWARD_MODES:
+            raise ValueError(f"unknown adaptation.forward_mode {forward_mode!r}; valid: {', '.join(FORWARD_MODES)}")
         self.batch_size, self.batches_per_task, self.forward_mode = batch_size, batches_per_task, forward_mode
         self.coefficients_file = coefficients
         self.reuse_host_memory = bool(reuse_host_memory)
+        self.entropy = check_entropy_kind(entropy)
         self.vector_dtype = resolve_dtype(vector_dtype)  # unknown names fail here, before loading anything
         self.label = label or _LABELS[(granularity, self.ties_keep is not None)]
-        MergeCoefficients(1, 1, granularity)  # validates the granularity before any expensive work
+
+    @property
+    def trimming(self) -> dict | None:
+        """What made the task vectors λ multiplies (recorded with λ, compared when λ is re-used)."""
+        if self.ties_keep is None:
+            return None
+        return {"keep": self.ties_keep, "count": self.ties_count, "zero_sign": self.ties_zero_sign}
+
+    def identity(self, ctx: MergeContext) -> dict:
+        """What λ means in this run: recorded in every checkpoint, compared on resume."""
+        return checkpoint_identity(tasks=ctx.task_names, layers=mergeable_keys(ctx.pretrained),
+                                   granularity=self.granularity, trimming=self.trimming, method=self.label)
 
     def run(self, ctx: MergeContext) -> MergeResult:
         names = ctx.task_names
+        if ctx.ckpt_path and not self.coefficients_file:  # refuse a foreign checkpoint before building anything
+            check_resume_checkpoint(ctx.ckpt_path, self.identity(ctx))
+        rule = ctx.ties_rule(self.ties_count, self.ties_zero_sign) if self.ties_keep is not None else None
         stacked = StackedTaskVectors.from_state_dicts(ctx.pretrained, [ctx.finetuned[n] for n in names], names,
-                                                      ties_keep=self.ties_keep, dtype=self.vector_dtype)
+                                                      ties_keep=self.ties_keep, dtype=self.vector_dtype, ties_rule=rule)
         if self.coefficients_file:  # evaluate learned coefficients without training
             lam = load_coefficients(self.coefficients_file, tasks=names, layers=stacked.keys,
-                                    granularity=self.granularity, ties_keep=self.ties_keep)
+                                    granularity=self.granularity, trimming=self.trimming, clamp=self.clamp)
             return MergeResult(params=stacked.merge(lam), extra={"coefficients_loaded_from": str(self.coefficients_file)})
         if ctx.make_trainer is None:
             raise ValueError("AdaMerging trains its coefficients and needs a trainer config (trainer=...)")
         module = AdaMergingModule(ctx.backbone.visual, stacked, ctx.heads, self.optimizer, self.granularity,
                                   self.init, self.clamp, self.forward_mode,
                                   last_good_path=ctx.run_dir / "coefficients.last_good.safetensors", method=self.label,
-                                  ties_keep=self.ties_keep, reuse_host_memory=self.reuse_host_memory)
+                                  trimming=self.trimming, reuse_host_memory=self.reuse_host_memory,
+                                  batches_per_task=self.batches_per_task, entropy=self.entropy,
+                                  identity=self.identity(ctx))
         data = UnlabelledTasksDataModule(ctx.tasks, self.batch_size, self.batches_per_task, "test", ctx.seed)
         trainer = ctx.make_trainer()
         try:
             trainer.fit(module, datamodule=data, ckpt_path=ctx.ckpt_path)
+        except SystemExit as err:  # Lightning turns Ctrl-C (after on_exception) and SIGTERM into SystemExit
+            saved = [c.saved for c in trainer.callbacks if isinstance(c, InterruptCheckpoint) and c.saved]
+            resume = (f"coefficients and optimiser state at that step are in {saved[0]}; resume with the same "
+                      f"overrides plus ckpt_path={saved[0]}") if saved else "no checkpoint was written (step 0)"
+            raise RunInterrupted(f"{self.label} interrupted at step {trainer.global_step} of {trainer.max_steps}: "
+                                 f"{resume}. No result is recorded for this run.") from err
         except torch.OutOfMemoryError as err:
             raise AdaptationOutOfMemory(
                 f"out of memory while adapting {len(names)} tasks × {self.batch_size * self.batches_per_task} images "
@@ -70,7 +107,7 @@ class AdaMerging(Method):
         with torch.no_grad():
             lam = module.coefficients().detach().clone()
         path = save_coefficients(ctx.run_dir / "coefficients.safetensors", lam, granularity=self.granularity,
-                                 tasks=names, layers=stacked.keys, method=self.label, ties_keep=self.ties_keep,
+                                 tasks=names, layers=stacked.keys, method=self.label, trimming=self.trimming,
                                  step=trainer.global_step)
         heatmap = coefficient_heatmap(lam, names, stacked.keys, ctx.run_dir / "coefficients.png", title=self.label,
                                       clamp=self.clamp)

@@ -8,8 +8,10 @@ from adamerge.results.records import (
     check_writable,
     keep_latest,
     make_record,
+    read_record_file,
     read_records,
     validate_record,
+    write_record_file,
     write_text_atomic,
 )
 from adamerge.results.tables import Cell, Row, Table, TableError, build_table, write_tables
@@ -27,8 +29,10 @@ __all__ = [
     "check_writable",
     "keep_latest",
     "make_record",
+    "read_record_file",
     "read_records",
     "validate_record",
+    "write_record_file",
     "write_tables",
     "write_text_atomic",
 ]

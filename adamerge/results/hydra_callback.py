@@ -1,9 +1,17 @@
-"""After a multirun, print and write the experiment's table: what a sweep is for."""
+"""After a multirun, print and write the experiment's table: what a sweep is for.
+
+Only this sweep's records are read: every job leaves its record as ``record.json`` in its run folder, and
+the table is built from the run folders of this sweep. Other experiments' files are never opened, so a
+damaged record elsewhere cannot stop (or silently shorten) this table. A sweep that stops early (Ctrl-C,
+a failed job) still prints the table of the jobs that finished, and writes it as ``<name>.partial.*``.
+"""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -11,16 +19,56 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
+RECORD_FILE = "record.json"
+
+
+def sweep_run_dirs(sweep_dir: Path) -> list[Path]:
+    """Run folders of this sweep: ``<sweep_dir>/<job>``, and ``multirun/<other name>/<same stamp>/<job>`` of jobs
+    that set their own ``name`` (the stamp, time plus unique suffix, is resolved once per sweep)."""
+    found = sorted(p.parent for p in sweep_dir.glob(f"*/{RECORD_FILE}"))
+    root = sweep_dir.parent.parent
+    if root.is_dir():
+        found += sorted(p.parent for p in root.glob(f"*/{sweep_dir.name}/*/{RECORD_FILE}")
+                        if p.parent.parent != sweep_dir)
+    return found
+
+
+def sweep_records(sweep_dir: Path) -> list[dict]:
+    from adamerge.results.records import read_record_file
+
+    return sorted((read_record_file(d / RECORD_FILE) for d in sweep_run_dirs(sweep_dir)), key=lambda r: r["time"])
+
 
 class ResultsTable(Callback):
     """On multirun end: one table per experiment name among the sweep's records →
     ``<results_dir>/tables/<name>.md|.csv`` (a sweep may set ``name`` per job, e.g. one per corruption).
 
-    The newest record per (row, seed) wins, so re-running one method replaces its row; rows appear
-    in the order the sweep ran them. Paper rows come from the ``reference`` each job resolved.
+    The table shows this sweep. ``table_history=true`` adds the earlier records of the same experiment name
+    (``results/raw/<name>.jsonl``), the newest per (row, seed) winning, so re-running one row updates a table.
+    Paper rows come from the ``reference`` each job resolved.
     """
 
+    def __init__(self) -> None:
+        self._finished = True
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._finished = False
+        atexit.register(self._stopped_early, config)
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        self._finished = True
+        self.write(config, partial=False)
+
+    def _stopped_early(self, config: DictConfig) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            self.write(config, partial=True)
+        except Exception as err:  # at exit: report, never mask the error that stopped the sweep
+            sys.stderr.write(f"adamerge: no table for the finished jobs of the stopped sweep: {err}\n")
+
+    def write(self, config: DictConfig, partial: bool) -> None:
         from hydra.core.hydra_config import HydraConfig
 
         from adamerge.results.records import keep_latest, read_records
@@ -28,31 +76,31 @@ class ResultsTable(Callback):
 
         HydraConfig.instance().set_config(config)  # so ${hydra:...} in paths resolves after the jobs
         results_dir = Path(config.paths.results_dir)
-        raw = sorted((results_dir / "raw").glob("*.jsonl"))
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
-
-        def in_sweep(record: dict) -> bool:
-            run_dir = Path(record["extra"].get("run_dir", "/")).resolve()
-            if run_dir.is_relative_to(sweep_dir):
-                return True
-            # multirun/<name>/<time>/<job>: a job that sets its own name shares the sweep's (cached) time
-            return run_dir.parent.name == sweep_dir.name and run_dir.parent.parent.parent == sweep_dir.parent.parent
-
-        this_sweep = [r for path in raw for r in read_records(path) if in_sweep(r)]
+        this_sweep = sweep_records(sweep_dir)
         if not this_sweep:
-            log.warning("no run records of this sweep in %s: no table written", results_dir / "raw")
+            log.warning("no run records in the run folders of this sweep (%s): no table written", sweep_dir)
             return
-        this_sweep.sort(key=lambda r: r["time"])
+        if partial:
+            sys.stderr.write(f"\nadamerge: the sweep stopped early; the table of its {len(this_sweep)} finished "
+                             f"job(s) follows (written as <name>.partial.md/.csv)\n")
+        history = bool(config.get("table_history", False))
         for name in dict.fromkeys(r["experiment"] for r in this_sweep):
             runs = [r for r in this_sweep if r["experiment"] == name]
-            records = [r for r in read_records(results_dir / "raw" / f"{name}.jsonl") if r["experiment"] == name]
+            records = list(runs)
+            if history and (results_dir / "raw" / f"{name}.jsonl").exists():
+                ids = {r["run_id"] for r in runs}
+                earlier = [r for r in read_records(results_dir / "raw" / f"{name}.jsonl")
+                           if r["experiment"] == name and r["run_id"] not in ids]
+                records = earlier + runs
             order = list(dict.fromkeys(r["label"] for r in runs))
             reference = (runs[-1].get("config") or {}).get("reference")
             if reference is None and config.get("reference") is not None:
                 reference = OmegaConf.to_container(config.reference, resolve=True)
             table = build_table(keep_latest(records), row_order=order, reference=reference)
             print_table(table)
-            for path in write_tables(table, results_dir / "tables" / name):
+            stem = results_dir / "tables" / (f"{name}.partial" if partial else name)
+            for path in write_tables(table, stem):
                 log.info("wrote %s", path)
             copy_figures(runs, results_dir / "figures" / name)
 

@@ -198,6 +198,24 @@ def read_records(paths: str | Path | Iterable[str | Path]) -> list[dict[str, Any
     return records
 
 
+def write_record_file(path: str | Path, record: Mapping[str, Any]) -> Path:
+    """The run's own copy of its record (``<run_dir>/record.json``), written atomically: a sweep's table reads
+    these, never other experiments' files."""
+    validate_record(dict(record))
+    text = json.dumps(record, ensure_ascii=False, allow_nan=False, default=_json_default, indent=1) + "\n"
+    return write_text_atomic(path, text)
+
+
+def read_record_file(path: str | Path) -> dict[str, Any]:
+    """One record written by :func:`write_record_file`; a damaged one is an error naming the file."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        validate_record(record)
+    except (json.JSONDecodeError, RecordFormatError, UnicodeDecodeError) as error:
+        raise RecordFormatError(f"{path}: malformed run record: {error}") from error
+    return record
+
+
 def _jsonl_files(paths: Iterable[str | Path]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):

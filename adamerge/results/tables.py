@@ -172,9 +172,47 @@ def _measured_row(label: str, group: list[Mapping[str, Any]], tasks: list[str], 
                unseen_avg=unseen_avg)
 
 
+#: Config keys that never change a run's numbers (where files go, logging, threads, how evaluation is batched);
+#: runs of one row may differ in them and in ``seed``, which a row averages over.
+NOT_RESULT_KEYS = ("seed", "name", "paths", "logger", "callbacks", "print_config", "verbose", "threads", "device",
+                   "eval_batch_size", "reuse_host_memory", "ckpt_path", "optimized_metric", "table_history", "hydra",
+                   "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy",
+                   "trainer.default_root_dir", "trainer.log_every_n_steps", "trainer.enable_progress_bar",
+                   "method_name", "model_name", "reference", "method.reuse_host_memory", "method.label")
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if any(name == k or name.startswith(k + ".") for k in NOT_RESULT_KEYS):
+            continue
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Keys of two resolved configs that differ in what can change a result (``NOT_RESULT_KEYS`` left out)."""
+    fa, fb = _flatten(a or {}), _flatten(b or {})
+    return [f"{k}: {fa.get(k, '∅')!r} vs {fb.get(k, '∅')!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
 def _check_consistent(label: str, group: list[Mapping[str, Any]], tasks: list[str], subset_allowed: bool) -> None:
     """Refuse to average runs that measured different things; a silently mixed row would mislead."""
     first = group[0]
+    for record in group[1:]:
+        if not first.get("config") or not record.get("config"):
+            continue
+        differences = config_differences(first["config"], record["config"])
+        if differences:
+            raise TableError(
+                f"records for {label!r} come from different configurations, so averaging them as seeds would mislead "
+                f"(run {first['run_id']} vs {record['run_id']}): {'; '.join(differences[:6])}"
+                + (f"; … ({len(differences)} in all)" if len(differences) > 6 else "")
+                + ". Give them different labels (method.label=…) or experiment names, or keep one set.")
     for record in group[1:]:
         if set(record["tasks"]) != set(first["tasks"]):
             raise TableError(
