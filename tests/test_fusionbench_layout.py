@@ -158,3 +158,48 @@ def test_merge_models_refuses_a_tower_missing_one_tensor(fusionbench_root, tmp_p
     code = main(["--base", str(models / "openai" / "clip-vit-tiny"), "--models", str(broken),
                  str(models / "tanganke" / "clip-vit-tiny_svhn"), "--method", "weight_averaging", "--out", str(tmp_path / "o")])
     assert code != 0 and not (tmp_path / "o").exists()
+
+
+PAPER8 = {"sun397": ("tanganke/sun397", None, "sun397"), "cars": ("tanganke/stanford_cars", None, "stanford-cars"),
+          "resisc45": ("tanganke/resisc45", None, "resisc45"), "eurosat": ("tanganke/eurosat", None, "eurosat"),
+          "svhn": ("ufldl-stanford/svhn", "cropped_digits", "svhn"), "gtsrb": ("tanganke/gtsrb", None, "gtsrb"),
+          "mnist": ("ylecun/mnist", None, "mnist"), "dtd": ("tanganke/dtd", None, "dtd")}
+
+
+@pytest.mark.slow
+def test_the_fusionbench_preset_runs_on_its_layout(tmp_path):
+    """experiment=paper/fusionbench_vit_b32_8tasks on tiny folders named as FusionBench's (one image per class)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from adamerge.cli import CONF_DIR
+    from adamerge.data.classnames import CLASSNAMES
+    from adamerge.experiment import run
+
+    clip = save_pretrained_clip(tmp_path / "models" / "openai" / "clip-vit-tiny", seed=0)
+    save_finetuned_towers(clip, tmp_path / "models" / "tanganke", [f"clip-vit-tiny_{hub}" for _, _, hub in PAPER8.values()])
+    for i, (task, (path, config, _)) in enumerate(PAPER8.items()):
+        folder = tmp_path / "data" / path / (config or "")
+        write_parquet_split(folder, "test", num_classes=len(CLASSNAMES[task]), n=len(CLASSNAMES[task]), seed=i)
+    ran = []
+    for method in ("pretrained", "ties", "adamerging_layerwise"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", return_hydra_config=True, overrides=[
+                "experiment=paper/fusionbench_vit_b32_8tasks", f"method={method}",
+                f"model.source={tmp_path / 'models' / 'openai' / 'clip-vit-tiny'}",
+                f"pool.finetuned_dir={tmp_path / 'models'}", "pool.hub_model=clip-vit-tiny",
+                f"tasks.data_dir={tmp_path / 'data'}", f"tasks.hf_cache_dir={tmp_path / 'hf'}",
+                f"paths.cache_dir={tmp_path / 'cache'}", f"paths.results_dir={tmp_path / 'results'}",
+                f"paths.output_dir={tmp_path / 'out' / method}", "trainer.max_steps=1", "trainer.accelerator=cpu",
+                "callbacks=none", "logger=none", "threads=1", "method_name=${hydra:runtime.choices.method}"])
+        HydraConfig.instance().set_config(cfg)
+        job = cfg.copy()
+        with open_dict(job):
+            del job["hydra"]
+        assert 0.0 <= run(job) <= 1.0
+        ran.append(method)
+    done = records(tmp_path, "paper_fusionbench_vit_b32_8tasks")
+    assert [r["method"] for r in done] == ran
+    assert {r["label"] for r in done} <= set(cfg.reference)
+    assert done[-1]["tasks"] == list(PAPER8)
