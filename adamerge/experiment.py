@@ -175,6 +175,7 @@ def _run(cfg: DictConfig) -> float:
         print_config(cfg)
 
     method = instantiate(cfg.method)  # invalid method options fail here, before loading anything
+    loggers = make_loggers(cfg)  # early too: a logger that cannot start (W&B without a key) fails before loading
     backbone = instantiate(cfg.model)
     tasks = instantiate(cfg.tasks, backbone=backbone)  # real datasets need its transform
     pool = instantiate(cfg.pool)
@@ -184,8 +185,6 @@ def _run(cfg: DictConfig) -> float:
     check_finite(heads, "the zero-shot heads", hint="The backbone's text tower gives NaN/Inf text features; check "
                  "its weights (and delete stale heads under <cache_dir>/heads).")
     loaded = time.time()
-
-    loggers = make_loggers(cfg)  # Lightning loggers write on rank zero only
     ctx = MergeContext(backbone=backbone, tasks=tasks, pretrained=theta0, finetuned=finetuned, heads=heads,
                        run_dir=run_dir, seed=cfg.seed, device=device,
                        eval_batch_size=cfg.get("eval_batch_size", 256),

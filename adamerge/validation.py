@@ -129,10 +129,12 @@ def validate_run_config(cfg: DictConfig) -> None:
     lr = optimizer.get("lr") if isinstance(optimizer, DictConfig) else None
     if lr is not None and not (_finite_number(lr) and lr > 0):
         problems.append(f"optimizer.lr={lr!r}: must be a finite number > 0")
-    for key in ("ckpt_path",):
-        path = cfg.get(key)
-        if path and path != "last" and not Path(str(path)).is_file():
-            problems.append(f"{key}={path}: no such file (give a run's checkpoints/last.ckpt)")
+    path = cfg.get("ckpt_path")
+    if path == "last":
+        problems.append("ckpt_path=last would look in this run's new (always empty) folder and silently start "
+                        "afresh: give the interrupted run's <run>/checkpoints/last.ckpt")
+    elif path and not Path(str(path)).is_file():
+        problems.append(f"ckpt_path={path}: no such file (give a run's checkpoints/last.ckpt)")
     method = cfg.get("method") or {}
     coefficients = method.get("coefficients") if isinstance(method, DictConfig) else None
     if coefficients and not Path(str(coefficients)).is_file():

@@ -31,3 +31,17 @@ class InterruptAt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             raise KeyboardInterrupt
+
+
+class SigtermAt(L.Callback):
+    """Send this process SIGTERM at one step, as a cluster's pre-emption does."""
+
+    def __init__(self, step: int = 3):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -378,3 +378,47 @@ def test_a_row_never_averages_runs_of_different_configurations():
     assert table.rows[0].n_seeds == 2
     with pytest.raises(TableError, match=r"different configurations.*optimizer.lr: 0.001 vs 0.01.*trainer.max_steps: 10 vs 40"):
         build_table([record(0, 10, 1e-3), record(1, 40, 1e-2)])
+
+
+def test_ckpt_path_last_and_a_percentage_keep_are_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="ckpt_path=last would look in this run's new"):
+        validate_run_config(compose_cfg(["ckpt_path=last"]))
+    from adamerge.methods import Ties
+
+    with pytest.raises(ValueError, match="a percentage\\? use 0.2"):
+        Ties(keep=20)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_reached_and_says_how_to_resume(tmp_path, embedded_cache):
+    done = adamerge([*SMOKE, "method=adamerging_taskwise", "trainer.max_steps=50",
+                     "+callbacks.stop._target_=tests.faults.SigtermAt", "+callbacks.stop.step=5"],
+                    tmp_path, embedded_cache, check=False, env={"PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 130, done.stderr[-3000:]
+    assert "ckpt_path=" in done.stderr and "No result is recorded" in done.stderr
+    ckpt = done.stderr.split("ckpt_path=")[-1].split()[0].rstrip(".")
+    step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    assert 5 <= step <= 7  # Lightning stops at the next step boundary after the signal
+    assert not (tmp_path / "results" / "raw").exists() or not list((tmp_path / "results" / "raw").glob("*.jsonl"))
+
+
+def test_labels_stored_in_another_order_than_the_class_names_are_refused():
+    from adamerge.data.classnames import CLASSNAMES
+    from adamerge.data.hf_datasets import _check_label_order
+
+    names = list(CLASSNAMES["eurosat"])
+    _check_label_order("eurosat", names)  # same order: fine
+    _check_label_order("eurosat", [f"class_{i}" for i in range(10)])  # not comparable: left to the count check
+    with pytest.raises(ValueError, match="labels are in another order"):
+        _check_label_order("eurosat", names[1:] + names[:1])
+
+
+def test_a_transformers_clip_folder_without_tokenizer_says_what_to_download(tmp_path):
+    from transformers import CLIPModel
+
+    from adamerge.models.hf_native import HFBackboneError, load_hf_clip_native
+    from tests.hf_fixtures import tiny_clip_config
+
+    CLIPModel(tiny_clip_config(514)).save_pretrained(tmp_path / "clip")
+    with pytest.raises(HFBackboneError, match="no usable tokenizer files.*hf download"):
+        load_hf_clip_native(str(tmp_path / "clip"))

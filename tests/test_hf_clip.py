@@ -268,3 +268,22 @@ def test_convert_script_writes_native_files(hf_clip, hf_dirs, tmp_path):
     assert_same(theta0, hf_vision_to_open_clip(hf_clip.state_dict()))
     assert_same(load_state_dict(tmp_path / "beta.safetensors"),
                 hf_vision_to_open_clip(towers["beta"].state_dict(), projection=theta0["proj"]))
+
+
+def test_converted_backbone_reads_its_architecture_from_config_json(hf_clip, hf_dirs, tmp_path):
+    """model.native=false model.arch=null: the open_clip twin is registered from config.json (no hand-written
+    architecture), and gives the transformers model's features."""
+    from adamerge.models.hf_native import HFBackboneError, hf_clip_backbone
+
+    root, _ = hf_dirs
+    backbone = hf_clip_backbone(str(root / "pretrained"), native=False, arch=None, cache_dir=str(tmp_path))
+    assert backbone.name.startswith("hf-")
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.clip.encode_image(images), hf_clip.get_image_features(pixel_values=images),
+                                   atol=1e-5, rtol=1e-5)
+    small_vocab = tiny_config()
+    small_vocab.text_config.vocab_size = 300
+    CLIPModel(small_vocab).save_pretrained(tmp_path / "small-vocab")
+    with pytest.raises(HFBackboneError, match="300 tokens.*model.native=true"):
+        hf_clip_backbone(str(tmp_path / "small-vocab"), native=False, cache_dir=str(tmp_path))

@@ -46,7 +46,8 @@ def unflatten(flat: torch.Tensor, keys: list[str], shapes: list[torch.Size]) -> 
 def check_keep(keep: float) -> float:
     keep = float(keep)
     if not 0.0 < keep <= 1.0:
-        raise ValueError(f"TIES keep fraction must be in (0, 1], got {keep} (0.2 keeps the top 20 %)")
+        hint = f" — a percentage? use {keep / 100:g}" if 1.0 < keep <= 100.0 else ""
+        raise ValueError(f"TIES keep fraction must be in (0, 1], got {keep:g}{hint} (0.2 keeps the top 20 %)")
     return keep
 
 

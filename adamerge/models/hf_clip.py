@@ -148,6 +148,20 @@ def hf_vision_to_open_clip(state: StateDict, projection: torch.Tensor | None = N
     return out
 
 
+def hf_vision_state(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The ``vision_model.*`` tensors of a transformers CLIPModel / CLIPVisionModel(WithProjection) state dict
+    (transformers 5 drops the prefix: it is put back); text-side tensors are ignored, ``position_ids`` dropped."""
+    if any(k.startswith("vision_model.") for k in state):
+        out = {k: v for k, v in state.items() if k.startswith("vision_model.")}
+    else:
+        out = {f"vision_model.{k}": v for k, v in state.items() if k.startswith(_BARE_VISION)}
+    out = {k: v for k, v in out.items() if not k.endswith("position_ids")}
+    if not out:
+        raise HFCheckpointError(f"{source} holds no CLIP vision tower (no vision_model.* keys): expected a "
+                                f"transformers CLIPModel, CLIPVisionModel or CLIPVisionModelWithProjection.")
+    return out
+
+
 def hf_clip_to_open_clip(state: StateDict, source: str = "checkpoint") -> StateDict:
     """Whole open_clip ``CLIP`` state dict (both towers, ``logit_scale``) from a transformers ``CLIPModel``."""
     missing = [k for k in ("visual_projection.weight", "text_projection.weight", "logit_scale") if k not in state]
@@ -361,8 +375,6 @@ class HFCheckpointPool(CheckpointPool):
     # ---- the transformers tower as it is (model=hf_clip): no conversion, FusionBench's tensors ----------
 
     def _native_state(self, source: str, name: str) -> StateDict:
-        from adamerge.models.hf_native import hf_vision_state
-
         folder = resolve_hf_source(source, self.hub_cache_dir, self.download)
         raw = read_hf_state_dict(folder)
         projection = raw.get("visual_projection.weight")

@@ -156,22 +156,6 @@ def load_hf_clip_native(source: str | Path, hub_cache_dir: str | None = None, do
                           preprocess=transform, preprocess_train=None, tower=tower, source=str(source))
 
 
-def hf_vision_state(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """The ``vision_model.*`` tensors of a transformers CLIPModel / CLIPVisionModel(WithProjection) state dict
-    (transformers 5 drops the prefix: it is put back); text-side tensors are ignored, ``position_ids`` dropped."""
-    from adamerge.models.hf_clip import _BARE_VISION, HFCheckpointError
-
-    if any(k.startswith("vision_model.") for k in state):
-        out = {k: v for k, v in state.items() if k.startswith("vision_model.")}
-    else:
-        out = {f"vision_model.{k}": v for k, v in state.items() if k.startswith(_BARE_VISION)}
-    out = {k: v for k, v in out.items() if not k.endswith("position_ids")}
-    if not out:
-        raise HFCheckpointError(f"{source} holds no CLIP vision tower (no vision_model.* keys): expected a "
-                                f"transformers CLIPModel, CLIPVisionModel or CLIPVisionModelWithProjection.")
-    return out
-
-
 def open_clip_config(config) -> dict:
     """The open_clip model config with the shapes and activation of a transformers ``CLIPConfig``."""
     v, t = config.vision_config, config.text_config
