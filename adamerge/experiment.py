@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -16,8 +15,6 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from adamerge.adaptation.distributed import raise_with_rank_failures
-from adamerge.adaptation.host_memory import keep_freed_host_memory_on
 from adamerge.evaluation.accuracy import accuracies
 from adamerge.merging import check_finite
 from adamerge.methods.base import MergeContext
@@ -25,20 +22,12 @@ from adamerge.models.head_cache import cached_heads
 from adamerge.plots.curves import adaptation_curves
 from adamerge.results import append_record, check_writable, make_record, write_record_file
 from adamerge.results.hydra_callback import RECORD_FILE
+from adamerge.runtime.distributed import raise_with_rank_failures
+from adamerge.runtime.process import start_process
+from adamerge.runtime.reporting import finish_wandb, log_results, make_loggers, print_config, print_row
 from adamerge.validation import validate_run_config
 
 log = logging.getLogger(__name__)
-
-# Lightning warnings that describe what adamerge does on purpose: a frozen encoder kept in eval mode,
-# checkpoints taken after the coefficient step, and a torch/Lightning pytree deprecation.
-QUIET_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"Using ModelCheckpoint with manual optimization",
-                  r".*LeafSpec.* is deprecated")
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def rescale_heads(heads: dict[str, torch.Tensor], backbone, scale: float | None) -> dict[str, torch.Tensor]:
@@ -53,90 +42,11 @@ def rescale_heads(heads: dict[str, torch.Tensor], backbone, scale: float | None)
     return {name: head * (float(scale) / current) for name, head in heads.items()}
 
 
-def make_loggers(cfg: DictConfig) -> list:
-    """The configured Lightning loggers, each given the resolved config as hyperparameters."""
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
-    hparams = OmegaConf.to_container(cfg, resolve=True)
-    for logger in loggers:
-        logger.log_hyperparams(hparams)
-    return loggers
-
-
 def make_trainer_factory(cfg: DictConfig, loggers: list):
     def make_trainer() -> L.Trainer:
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
         return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     return make_trainer
-
-
-def log_results(loggers: list, accuracy: dict[str, float], step: int, images: dict[str, str], trained: bool,
-                unseen: dict[str, float] | None = None) -> None:
-    """Final per-task accuracy to every logger; to W&B also as a table and the run's figures as images.
-
-    ``trained``: a Trainer ran and has already finalised (closed) the loggers.
-    """
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
-    metrics = {f"test_acc/{name}": value for name, value in accuracy.items()}
-    metrics["test_acc/avg"] = sum(accuracy.values()) / len(accuracy)
-    for name, value in (unseen or {}).items():
-        metrics[f"unseen_acc/{name}"] = value
-    if unseen:
-        metrics["unseen_acc/avg"] = sum(unseen.values()) / len(unseen)
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            tensorboard_results(logger, metrics, step, finalize=not trained)
-            continue
-        logger.log_metrics(metrics, step=step)
-        if isinstance(logger, WandbLogger):
-            logger.log_table(key="test_accuracy", columns=[*accuracy, "avg"],
-                             data=[[100 * v for v in accuracy.values()] + [100 * metrics["test_acc/avg"]]])
-            for key, path in images.items():
-                logger.log_image(key=key, images=[path])
-        logger.save()
-
-
-def tensorboard_results(logger, metrics: dict[str, float], step: int, finalize: bool) -> None:
-    """Results in an event file of their own: re-opening the writer Lightning closed would reuse the
-    training file's name (it is made of the second and the host) and overwrite the training curves."""
-    if finalize:  # no trainer ran: the logger's writer is still open
-        logger.log_metrics(metrics, step=step)
-        logger.finalize("success")
-        return
-    writer = type(logger.experiment)(log_dir=logger.log_dir, filename_suffix=".results")
-    for key, value in metrics.items():
-        writer.add_scalar(key, value, step)
-    writer.close()
-
-
-RUN_KEYS = ("name", "seed", "model", "tasks", "pool", "method", "optimizer", "trainer", "logger", "paths")
-
-
-@rank_zero_only
-def print_config(cfg: DictConfig, keys=RUN_KEYS, title: str = "config") -> None:
-    from rich import print as rprint
-    from rich.tree import Tree
-
-    tree = Tree(title, guide_style="dim")
-    for key in keys:
-        if key in cfg:
-            value = cfg[key]
-            text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
-            tree.add(f"[bold]{key}[/bold]").add(text.rstrip())
-    rprint(tree)
-
-
-@rank_zero_only
-def print_row(label: str, accuracy: dict[str, float]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=label)
-    for name in [*accuracy, "Avg"]:
-        table.add_column(name, justify="right")
-    values = [*accuracy.values(), sum(accuracy.values()) / len(accuracy)]
-    table.add_row(*(f"{100 * v:.1f}" for v in values))
-    Console().print(table)
 
 
 def run(cfg: DictConfig) -> float:
@@ -147,27 +57,11 @@ def run(cfg: DictConfig) -> float:
         finish_wandb()
 
 
-def finish_wandb() -> None:
-    """Close the W&B run if one is open: sequential multirun jobs must never share a W&B run."""
-    import sys
-
-    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-        sys.modules["wandb"].finish()
-
-
 def _run(cfg: DictConfig) -> float:
     started = time.time()
     validate_run_config(cfg)  # every top-level option, before anything loads
-    for pattern in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    # Lightning sets its logger to INFO when imported (after Hydra configured logging): hardware tips.
-    logging.getLogger("lightning.pytorch").setLevel(logging.INFO if cfg.get("verbose") else logging.WARNING)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    device = resolve_device(cfg.get("device", "auto"))
-    # CPU: activations and evaluation batches above glibc's mmap threshold would be faulted in afresh each time
-    host_memory_kept = keep_freed_host_memory_on(device, cfg.get("reuse_host_memory", True))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    process = start_process(cfg)
+    device = process.device
     records_dir = check_writable(Path(cfg.paths.results_dir) / "raw")  # fail before any expensive work
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -233,7 +127,7 @@ def _run(cfg: DictConfig) -> float:
         extra["seconds"] = {"load": round(loaded - started, 2), "method": round(merged - loaded, 2),
                             "evaluate": round(time.time() - merged, 2)}
         extra["run_dir"] = str(run_dir)
-        extra["host_memory_kept"] = host_memory_kept
+        extra["host_memory_kept"] = process.host_memory_kept
         extra["checkpoint_dtypes"] = dict(getattr(pool, "stored_dtypes", {}))
         record = make_record(experiment=cfg.name, method=cfg.method_name, label=method.label,
                              model=str(cfg.model_name), seed=cfg.seed, accuracy=accuracy, tasks=names, extra=extra,

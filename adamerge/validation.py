@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 OPTIMIZED_METRICS = ("test", "val")
 
@@ -50,7 +50,7 @@ def check_device(device: str) -> str | None:
 #: Config targets of the embedded offline world: its tasks and checkpoints exist only for its own CLIP.
 EMBEDDED_TARGETS = {"model": "adamerge.embedded.world.embedded_backbone",
                     "tasks": "adamerge.embedded.world.embedded_tasks",
-                    "pool": "adamerge.models.pool.embedded_checkpoint_pool"}
+                    "pool": "adamerge.embedded.world.embedded_checkpoint_pool"}
 
 
 def _target(cfg: DictConfig, group: str) -> str | None:

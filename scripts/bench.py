@@ -43,7 +43,7 @@ NUM_CLASSES = 10
 # (label, granularity, forward_mode); FusionBench has one forward mode (per task, graphs kept until the step ends)
 ADAMERGING = [("layer-wise", "layer", "concat"), ("layer-wise", "layer", "per_task"),
               ("task-wise", "task", "concat"), ("task-wise", "task", "per_task")]
-# --host-memory-ablation: the step as it was before freed host memory was kept (adaptation/host_memory.py)
+# --host-memory-ablation: the step as it was before freed host memory was kept (runtime/host_memory.py)
 ABLATION = ("layer-wise", "layer", "concat, pages returned")
 FB_METHOD = {"layer-wise": "layer_wise", "task-wise": "task_wise"}
 
@@ -123,6 +123,7 @@ def adamerging_worker(spec: dict) -> dict:
 
     from adamerge.adaptation.datamodule import UnlabelledTasksDataModule
     from adamerge.adaptation.module import AdaMergingModule
+    from adamerge.runtime.host_memory import keep_freed_host_memory_on
     from adamerge.merging import StackedTaskVectors
 
     cuda = spec["device"] == "cuda"
@@ -132,7 +133,9 @@ def adamerging_worker(spec: dict) -> dict:
     del finetuned
     module = AdaMergingModule(backbone.visual, stacked, heads, functools.partial(torch.optim.Adam, lr=1e-3),
                               granularity=spec["granularity"], init=0.3, clamp=None,  # FusionBench: no clamp
-                              forward_mode=spec["forward_mode"], reuse_host_memory=spec.get("reuse_host_memory", True))
+                              forward_mode=spec["forward_mode"])
+    if spec.get("reuse_host_memory", True):  # process-wide, as an `adamerge` run sets it (each spec runs alone)
+        keep_freed_host_memory_on(spec["device"])
     data = UnlabelledTasksDataModule(tasks, spec["batch_size"], 1, "test", seed=0)
     timer = make_step_timer(cuda, profile_steps=spec.get("profile_steps", 0), start=spec["warmup"] + spec["steps"])
     profile_steps = spec.get("profile_steps", 0)  # profiled after the timed steps, never among them
@@ -203,7 +206,7 @@ def merges_eval_worker(spec: dict) -> dict:
     """TA (λ=0.3) and TIES (top 20 %, sum as FusionBench, λ=0.3) from θ₀ and θ₁..θ_K into the tower; eval images/s."""
     import torch
 
-    from adamerge.adaptation.host_memory import keep_freed_host_memory_on
+    from adamerge.runtime.host_memory import keep_freed_host_memory_on
     from adamerge.data.task import TensorImages
     from adamerge.evaluation.accuracy import dataset_accuracy
     from adamerge.merging import task_arithmetic, ties_merge

@@ -139,9 +139,8 @@ def step_worker(spec: dict) -> dict:
     tasks, heads = random_tasks(backbone, names, spec["batch_size"] * spec.get("batches_per_task", 1), gen)
     vectors_mb = stacked.nbytes() / 2**20
     module = AdaMergingModule(backbone.visual, stacked, heads, functools.partial(torch.optim.Adam, lr=1e-3),
-                              granularity="layer", init=0.3, clamp=(0.0, 1.0), forward_mode=spec["forward_mode"],
-                              # a CPU's figure stands in for a GPU's, where freed pages are not kept
-                              reuse_host_memory=False)
+                              # freed pages not kept (no keep_freed_host_memory): a CPU's figure stands in for a GPU's
+                              granularity="layer", init=0.3, clamp=(0.0, 1.0), forward_mode=spec["forward_mode"])
     data = UnlabelledTasksDataModule(tasks, spec["batch_size"], spec.get("batches_per_task", 1), "test", seed=0)
     times: list[float] = []
 

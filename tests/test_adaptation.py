@@ -185,10 +185,15 @@ def test_out_of_memory_suggests_what_bounds_memory(ctx, monkeypatch):
     assert "method.batch_size" in str(err.value)
 
 
-def test_cpu_adaptation_keeps_freed_host_memory_unless_turned_off(ctx, monkeypatch):
+def test_a_cpu_run_keeps_freed_host_memory_unless_turned_off(monkeypatch):
+    """The policy is applied once, by the runtime layer, for the whole process (not again by the module)."""
+    from omegaconf import OmegaConf
+
+    from adamerge.runtime.process import start_process
+
     calls = []
-    monkeypatch.setattr("adamerge.adaptation.host_memory.keep_freed_host_memory", lambda: calls.append(1) or True)
-    AdaMerging(adam(), granularity="task", batch_size=8, reuse_host_memory=False).run(ctx)
-    assert calls == []
-    AdaMerging(adam(), granularity="task", batch_size=8).run(ctx)
-    assert calls == [1]
+    monkeypatch.setattr("adamerge.runtime.host_memory.keep_freed_host_memory", lambda: calls.append(1) or True)
+    off = start_process(OmegaConf.create({"seed": 0, "device": "cpu", "reuse_host_memory": False}))
+    assert calls == [] and off.host_memory_kept is False
+    on = start_process(OmegaConf.create({"seed": 0, "device": "cpu"}))
+    assert calls == [1] and on.host_memory_kept is True and on.device == "cpu"

@@ -3,12 +3,10 @@ and unclearly); each now fails before any expensive work, naming what, where and
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L

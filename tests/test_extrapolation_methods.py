@@ -77,7 +77,7 @@ def test_expo_at_alpha_zero_is_the_inner_method(ctx):
 
 
 def test_expo_with_task_arithmetic_is_task_arithmetic_with_lambda_times_one_plus_alpha(ctx):
-    result = ExPO(TaskArithmetic(lam=0.3), alpha=1.0).run(ctx)
+    result = ExPO(TaskArithmetic(lam=0.3, label="Task Arithmetic (λ=0.3)"), alpha=1.0).run(ctx)
     assert_state_close(result.params, TaskArithmetic(lam=0.6).run(ctx).params, atol=1e-5)
     assert result.extra["merge_method"] == "Task Arithmetic (λ=0.3)"
 

@@ -315,7 +315,7 @@ def test_missing_task_and_unwritable_checkpoint_dir_fail_before_any_work(tmp_pat
 
 def test_cpu_finetuning_keeps_freed_host_memory_unless_turned_off(tmp_path, embedded_cache, monkeypatch):
     calls = []
-    monkeypatch.setattr("adamerge.adaptation.host_memory.keep_freed_host_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr("adamerge.runtime.host_memory.keep_freed_host_memory", lambda: calls.append(1) or True)
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")  # the run stops at its first check, after the process is set up
     for overrides, expected in ((["reuse_host_memory=false"], []), ([], [1])):

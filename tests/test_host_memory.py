@@ -8,7 +8,7 @@ import sys
 # A step's pattern: several blocks above glibc's mmap threshold (32 MB at most), all freed, then again.
 _ROUNDS = """
 import json, resource, sys, torch
-from adamerge.adaptation.host_memory import keep_freed_host_memory
+from adamerge.runtime.host_memory import keep_freed_host_memory
 kept = keep_freed_host_memory() if sys.argv[1] == "keep" else False
 def one_round():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

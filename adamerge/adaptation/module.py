@@ -11,7 +11,6 @@ from torch.func import functional_call
 
 from adamerge.adaptation.checkpointing import IDENTITY_KEY
 from adamerge.adaptation.coefficient_file import save_coefficients
-from adamerge.adaptation.host_memory import keep_freed_host_memory_on
 from adamerge.merging import MergeCoefficients, StackedTaskVectors, entropy_loss
 from adamerge.merging.entropy import check_entropy_kind
 from adamerge.models.heads import logits
@@ -35,7 +34,7 @@ class AdaMergingModule(L.LightningModule):
                  optimizer: Callable, granularity: str = "layer", init: float = 0.3,
                  clamp: tuple[float, float] | None = (0.0, 1.0), forward_mode: str = "concat",
                  last_good_path: str | Path | None = None, method: str = "adamerging",
-                 trimming: dict | None = None, reuse_host_memory: bool = True, batches_per_task: int = 1,
+                 trimming: dict | None = None, batches_per_task: int = 1,
                  entropy: str = "exact", identity: dict | None = None):
         super().__init__()
         if forward_mode not in FORWARD_MODES:
@@ -56,15 +55,10 @@ class AdaMergingModule(L.LightningModule):
         # batches_per_task × the mean over all its images (the same under Adam, twice the step under SGD).
         self.batches_per_task, self.entropy = int(batches_per_task), check_entropy_kind(entropy)
         self.identity = identity  # what λ means (tasks, tensors, granularity, trimming): stored in checkpoints
-        self.reuse_host_memory = reuse_host_memory
         self._last_good = self.coefficients.raw.detach().clone()
         self._log_now = True
         # Manual optimisation: per_task mode needs several backward passes per step (see backward_entropy).
         self.automatic_optimization = False
-
-    def on_fit_start(self) -> None:
-        # On CPU every step would otherwise page-fault its activations in afresh (adaptation/host_memory.py).
-        keep_freed_host_memory_on(self.device.type, self.reuse_host_memory)
 
     def head(self, i: int) -> torch.Tensor:
         return getattr(self, f"head_{i}")

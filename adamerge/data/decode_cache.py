@@ -34,7 +34,7 @@ from torchvision import transforms as T
 
 from adamerge.data.layouts import RawSplit
 from adamerge.data.task import TensorImages
-from adamerge.results.records import write_text_atomic
+from adamerge.io import atomic_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -166,17 +166,10 @@ def _exact(stored: np.ndarray, finish: Callable | None, expected: torch.Tensor) 
 
 
 def _build(raw: RawSplit, entry: Path, stored_transform: Callable, num_workers: int) -> None:
-    for stale in entry.parent.glob(f"{entry.name}.*.tmp"):  # a build that crashed (we hold the lock)
+    for stale in entry.parent.glob(f".{entry.name}.tmp-*"):  # a build that was killed (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(entry) as tmp:  # an error or interrupt leaves no half-built entry behind
         _fill(raw, tmp, entry, stored_transform, num_workers)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-built entry behind
-        raise
-    shutil.rmtree(entry, ignore_errors=True)
-    os.replace(tmp, entry)
 
 
 def _fill(raw: RawSplit, tmp: Path, entry: Path, stored_transform: Callable, num_workers: int) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import replace
@@ -33,8 +32,9 @@ from adamerge.finetuning import finetune_vision_tower
 from adamerge.merging import task_arithmetic, task_vector
 from adamerge.models.backbone import Backbone, load_open_clip
 from adamerge.models.checkpoints import save_state_dict
+from adamerge.models.pool import CheckpointPool
 from adamerge.models.heads import zero_shot_head
-from adamerge.results.records import write_text_atomic
+from adamerge.io import save_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -181,16 +181,9 @@ def _task_arithmetic_sanity(visual: torch.nn.Module, theta0: dict, finetuned: di
     return out
 
 
-def _tmp(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Plain tensors only, so loading with ``weights_only=True`` never unpickles code."""
-    tmp = _tmp(path)
-    torch.save(tensors, tmp)
-    os.replace(tmp, path)
+    save_atomic(path, lambda tmp: torch.save(tensors, tmp))
 
 
 # --- loaders used by Hydra configs -------------------------------------------------------------
@@ -246,3 +239,10 @@ def embedded_best_checkpoints(cache_dir: str | Path, preset: str = "demo", seed:
     world, _ = _complete_world(cache_dir, preset, seed)
     return {name: sorted((world / "checkpoints" / name).glob("best-*.safetensors")) for name in TASK_NAMES}
 
+
+def embedded_checkpoint_pool(cache_dir: str, preset: str = "demo", seed: int = 0) -> CheckpointPool:
+    """``pool=embedded``: θ₀, θₖ and each task's best two checkpoints of the world (built and cached on first use)."""
+    found = embedded_pool(cache_dir, preset=preset, seed=seed)
+    best = embedded_best_checkpoints(cache_dir, preset=preset, seed=seed)
+    return CheckpointPool(pretrained=found["pretrained"], finetuned=dict(found["finetuned"]),
+                          candidates={k: list(v) for k, v in best.items()})

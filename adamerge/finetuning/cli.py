@@ -16,7 +16,7 @@ import adamerge  # noqa: F401  (torchvision repair before Hydra instantiates any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from adamerge.cli import CONF_DIR
+from adamerge.runtime.config import CONF_DIR
 
 log = logging.getLogger(__name__)
 FINETUNE_KEYS = ("task", "seed", "finetuned_dir", "model", "tasks", "finetune", "trainer", "logger", "paths")
@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> float:
 
 def run(cfg: DictConfig) -> float:
     """Fine-tune ``cfg.task``; return the final model's validation accuracy (what a sweeper optimises)."""
-    from adamerge.experiment import finish_wandb
+    from adamerge.runtime.reporting import finish_wandb
 
     try:
         return _run(cfg)
@@ -38,14 +38,12 @@ def run(cfg: DictConfig) -> float:
 
 
 def _run(cfg: DictConfig) -> float:
-    import lightning as L
-    import torch
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from adamerge.adaptation.host_memory import keep_freed_host_memory_on
     from adamerge.evaluation.accuracy import dataset_accuracy
-    from adamerge.experiment import QUIET_WARNINGS, make_loggers, print_config, resolve_device
+    from adamerge.runtime.process import start_process
+    from adamerge.runtime.reporting import make_loggers, print_config
     from adamerge.finetuning.lightning import (VAL_METRIC, TaskDataModule, VisionTowerFinetuner, export_finetuned,
                                                ranked_checkpoints)
     from adamerge.models.head_cache import cached_heads
@@ -55,14 +53,7 @@ def _run(cfg: DictConfig) -> float:
     if OmegaConf.is_missing(cfg, "task"):
         raise ValueError("say which task to fine-tune: adamerge-finetune task=<name> "
                          "(several, one job each: adamerge-finetune -m task=a,b,c)")
-    for pattern in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    logging.getLogger("lightning.pytorch").setLevel(logging.INFO if cfg.get("verbose") else logging.WARNING)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    # batches of 128: activations far above glibc's mmap threshold
-    keep_freed_host_memory_on(resolve_device(cfg.get("device", "auto")), cfg.get("reuse_host_memory", True))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    process = start_process(cfg)  # on CPU, batches of 128 are far above glibc's mmap threshold: memory kept
 
     name = str(cfg.task)
     recipe = instantiate(cfg.finetune, _convert_="all")  # bad options fail here, before any loading
@@ -116,7 +107,7 @@ def _run(cfg: DictConfig) -> float:
         val_accuracy = module.validated_at[1]  # the last validation saw the final weights
     else:  # the step cap ended the run between validations
         val_accuracy = dataset_accuracy(module.visual, module.head, task.split("val"),
-                                        batch_size=recipe.val_batch_size, device=resolve_device(cfg.get("device", "auto")))
+                                        batch_size=recipe.val_batch_size, device=process.device)
     best = ranked_checkpoints(checkpoint.best_k_models)
     if len(best) < recipe.keep_best:
         log.warning("%s: only %d validation(s) ran, so %d best checkpoint(s) instead of %d; validate more often "

@@ -20,12 +20,8 @@ from adamerge.merging.coefficients import check_coefficient_spec
 from adamerge.merging.entropy import check_entropy_kind
 from adamerge.merging.stacked import resolve_dtype
 from adamerge.merging.ties import check_keep, check_zero_sign
-from adamerge.methods.base import TRIM_COUNTS, MergeContext, MergeResult, Method
+from adamerge.methods.base import TRIM_COUNTS, MergeContext, MergeResult, Method, require_label
 from adamerge.plots.coefficients import coefficient_heatmap
-
-_LABELS = {("task", False): "Task-wise AdaMerging", ("layer", False): "Layer-wise AdaMerging",
-           ("task", True): "Task-wise AdaMerging++", ("layer", True): "Layer-wise AdaMerging++"}
-
 
 class AdaptationOutOfMemory(RuntimeError):
     """Out of memory during adaptation, with the settings that bound memory spelled out."""
@@ -37,7 +33,7 @@ class AdaMerging(Method):
                  ties_count: str = "image_encoder", ties_zero_sign: str = "majority",
                  batch_size: int = 16, batches_per_task: int = 1, forward_mode: str = "concat",
                  coefficients: str | None = None, label: str | None = None, vector_dtype: str | None = None,
-                 reuse_host_memory: bool = True, entropy: str = "exact"):
+                 entropy: str = "exact"):
         self.optimizer, self.granularity = optimizer, granularity
         self.init, self.clamp = check_coefficient_spec(granularity, init, clamp)
         self.ties_keep = check_keep(ties_keep) if ties_keep is not None else None
@@ -51,10 +47,16 @@ class AdaMerging(Method):
             raise ValueError(f"unknown adaptation.forward_mode {forward_mode!r}; valid: {', '.join(FORWARD_MODES)}")
         self.batch_size, self.batches_per_task, self.forward_mode = batch_size, batches_per_task, forward_mode
         self.coefficients_file = coefficients
-        self.reuse_host_memory = bool(reuse_host_memory)
         self.entropy = check_entropy_kind(entropy)
         self.vector_dtype = resolve_dtype(vector_dtype)  # unknown names fail here, before loading anything
-        self.label = label or _LABELS[(granularity, self.ties_keep is not None)]
+        trimmed = self.ties_keep is not None
+        self.label = "AdaMerging" if label is None else require_label(label, {
+            "it says task-wise, λ is layer-wise": "Task-wise" in label and granularity != "task",
+            "it says layer-wise, λ is task-wise": "Layer-wise" in label and granularity != "layer",
+            "it says ++, the task vectors are not TIES-trimmed": "++" in label and not trimmed,
+            "the task vectors are TIES-trimmed (AdaMerging++), it lacks ++": trimmed and "AdaMerging" in label
+                                                                            and "++" not in label,
+        }, "Choose the matching preset (method=adamerging_taskwise|layerwise[_plus]) or set method.label.")
 
     @property
     def trimming(self) -> dict | None:
@@ -84,7 +86,7 @@ class AdaMerging(Method):
         module = AdaMergingModule(ctx.backbone.visual, stacked, ctx.heads, self.optimizer, self.granularity,
                                   self.init, self.clamp, self.forward_mode,
                                   last_good_path=ctx.run_dir / "coefficients.last_good.safetensors", method=self.label,
-                                  trimming=self.trimming, reuse_host_memory=self.reuse_host_memory,
+                                  trimming=self.trimming,
                                   batches_per_task=self.batches_per_task, entropy=self.entropy,
                                   identity=self.identity(ctx))
         data = UnlabelledTasksDataModule(ctx.tasks, self.batch_size, self.batches_per_task, "test", ctx.seed)

@@ -72,7 +72,25 @@ class MergeResult:
 
 
 class Method:
+    """A merge method. ``label`` is the table row (a join key of the presets' reference numbers); every
+    ``conf/method/*.yaml`` states it, so the row names live in the config tree. Built without one (library use),
+    a method is labelled by its class name."""
+
     label = "Method"
 
     def run(self, ctx: MergeContext) -> MergeResult:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+class LabelMismatch(ValueError):
+    """A row label that says something else than the method's options (it would name a wrong row)."""
+
+
+def require_label(label: str, wrong: dict[str, bool], fix: str) -> str:
+    """Refuse a ``label`` that says something false about the options: ``wrong`` maps what the label would
+    wrongly claim to whether it does (e.g. ``{"'++' without TIES trimming": "++" in label and not trimmed}``).
+    Free labels that claim nothing (``method.label=mine``) pass."""
+    false = [claim for claim, is_false in wrong.items() if is_false]
+    if false:
+        raise LabelMismatch(f"row label {label!r} would mislead: {'; '.join(false)}. {fix}")
+    return label

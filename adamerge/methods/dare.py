@@ -6,10 +6,8 @@ from typing import Sequence
 
 from adamerge.merging import dare_vector
 from adamerge.merging.dare import BASE_METHODS
-from adamerge.methods.base import TRIM_COUNTS, MergeContext, StateDict
+from adamerge.methods.base import TRIM_COUNTS, MergeContext, StateDict, require_label
 from adamerge.methods.scaled import _Scaled
-
-_LABELS = {"task_arithmetic": "DARE + Task Arithmetic", "ties": "DARE + TIES-Merging"}
 
 
 class Dare(_Scaled):
@@ -29,7 +27,10 @@ class Dare(_Scaled):
         if trim_count not in TRIM_COUNTS:
             raise ValueError(f"unknown TIES trim_count {trim_count!r}; valid: {', '.join(TRIM_COUNTS)}")
         self.trim_count, self.zero_sign = trim_count, zero_sign
-        self.label = label or _LABELS[base]
+        self.label = "Dare" if label is None else require_label(label, {
+            "it says TIES, the base is task arithmetic": "TIES" in label and base != "ties",
+            "it says task arithmetic, the base is TIES": "Task Arithmetic" in label and base != "task_arithmetic",
+        }, "Use method=dare_ties or dare_task_arithmetic, or set method.label.")
 
     def direction(self, ctx: MergeContext) -> StateDict:
         seed = ctx.seed if self.seed is None else int(self.seed)

@@ -21,7 +21,7 @@ from torch.func import functional_call
 from adamerge.evaluation.accuracy import batches, accuracy
 from adamerge.merging import entropy_loss
 from adamerge.merging.extrapolation import expo, extrapolation_merge
-from adamerge.methods.base import MergeContext, MergeResult, Method, StateDict
+from adamerge.methods.base import MergeContext, MergeResult, Method, require_label, StateDict
 from adamerge.models.heads import logits
 from adamerge.search import local_search
 
@@ -61,8 +61,6 @@ def task_score(ctx: MergeContext, name: str, objective: str) -> Callable[[StateD
 class _ExtrapolateThenMerge(Method):
     """Per task: build θₖ' (fixed or searched point); then ``merge`` merges the θₖ' across tasks."""
 
-    short = "Extrapolation"
-
     def __init__(self, merge: Method, objective: str | None, budget: int, min_step: float, label: str | None):
         if not isinstance(merge, Method):
             raise TypeError(
@@ -71,11 +69,13 @@ class _ExtrapolateThenMerge(Method):
         if objective is not None and objective not in OBJECTIVES:
             raise ValueError(f"unknown search objective {objective!r}; valid: {', '.join(OBJECTIVES)} or null (fixed)")
         self.merge, self.objective, self.budget, self.min_step = merge, objective, int(budget), float(min_step)
-        self._label = label
+        self.label = type(self).__name__ if label is None else require_label(
+            label, self.misleading(label, objective),
+            "Searched per task: method=expo_searched / extrapolation_merging; fixed: objective=null; or set method.label.")
 
-    @property
-    def label(self) -> str:
-        return self._label or f"{self.short} + {self.merge.label}"
+    @staticmethod
+    def misleading(label: str, objective: str | None) -> dict[str, bool]:  # pragma: no cover - interface
+        raise NotImplementedError
 
     def model(self, ctx: MergeContext, name: str, point: Mapping[str, float]) -> StateDict:  # pragma: no cover
         raise NotImplementedError
@@ -122,14 +122,16 @@ class ExPO(_ExtrapolateThenMerge):
     non-linear inner method (TIES, AdaMerging), is where it differs.
     """
 
-    short = "ExPO"
+    @staticmethod
+    def misleading(label, objective):
+        return {"it says α per task, α is fixed": "α per task" in label and objective is None,
+                "it names a fixed α, α is searched": "α=" in label and objective is not None}
 
     def __init__(self, merge: Method, alpha: float = 0.5, objective: str | None = None, step: float = 0.25,
                  bounds: tuple[float, float] = (0.0, 1.0), budget: int = 8, min_step: float = 0.05,
                  label: str | None = None):
         super().__init__(merge, objective, budget, min_step, label)
         self.alpha, self.step, self.bounds = float(alpha), float(step), tuple(float(b) for b in bounds)
-        self.short = f"ExPO (α={self.alpha:g})" if objective is None else f"ExPO (α per task, {objective})"
 
     def fixed_point(self) -> dict[str, float]:
         return {"alpha": self.alpha}
@@ -148,7 +150,10 @@ class ExtrapolationMerging(_ExtrapolateThenMerge):
     ``start`` (``objective=None``).
     """
 
-    short = "Extrapolation Merging"
+    @staticmethod
+    def misleading(label, objective):
+        return {"it says fixed, (α, β) are searched": "fixed" in label and objective is not None,
+                "it names a search, (α, β) are fixed": objective is None and ("(val)" in label or "(entropy)" in label)}
 
     def __init__(self, merge: Method, objective: str | None = "val", start: Mapping[str, float] | None = None,
                  step: Mapping[str, float] | None = None, bounds: Mapping[str, tuple[float, float]] | None = None,
@@ -159,8 +164,6 @@ class ExtrapolationMerging(_ExtrapolateThenMerge):
         self.bounds = {k: tuple(float(b) for b in v) for k, v in (bounds or {"alpha": (0.0, 1.0), "beta": (0.0, 1.0)}).items()}
         if set(self.start) != {"alpha", "beta"}:
             raise ValueError(f"method.start must give alpha and beta, got {sorted(self.start)}")
-        self.short = ("Extrapolation Merging (α, β fixed)" if objective is None else
-                      f"Extrapolation Merging ({'val' if objective == 'val' else 'entropy'})")
         self._candidates: dict[str, list[StateDict]] = {}
 
     def fixed_point(self) -> dict[str, float]:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from adamerge.merging import add_scaled, sum_vectors, ties_vector
 from adamerge.merging.ties import MERGE_FUNCTIONS, check_keep, check_zero_sign
-from adamerge.methods.base import TRIM_COUNTS, MergeContext, MergeResult, Method, StateDict
+from adamerge.methods.base import TRIM_COUNTS, MergeContext, MergeResult, Method, StateDict, require_label
 
 
 class _Scaled(Method):
@@ -38,7 +38,10 @@ class TaskArithmetic(_Scaled):
 
     def __init__(self, lam: float = 0.3, lam_grid: Sequence[float] | None = None, label: str | None = None):
         super().__init__(lam, lam_grid)
-        self.label = label or ("Task Arithmetic (λ tuned on val)" if self.lam_grid else f"Task Arithmetic (λ={self.lam:g})")
+        self.label = "TaskArithmetic" if label is None else require_label(label, {
+            "it names a fixed λ, λ is chosen on val (lam_grid)": "λ=" in label and bool(self.lam_grid),
+            "it says tuned, λ is fixed": "tuned" in label and not self.lam_grid,
+        }, "λ chosen on val is method=task_arithmetic_tuned; or set method.label.")
 
     def direction(self, ctx: MergeContext) -> StateDict:
         return sum_vectors(ctx.vectors)
@@ -58,7 +61,7 @@ class Ties(_Scaled):
         if trim_count not in TRIM_COUNTS:
             raise ValueError(f"unknown TIES trim_count {trim_count!r}; valid: {', '.join(TRIM_COUNTS)}")
         self.trim_count, self.zero_sign = trim_count, check_zero_sign(zero_sign)
-        self.label = label or "TIES-Merging"
+        self.label = "Ties" if label is None else label
 
     def direction(self, ctx: MergeContext) -> StateDict:
         return ties_vector(ctx.vectors, keep=self.keep, merge=self.merge_function,

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 import adamerge
+from adamerge.io import atomic_dir
 from adamerge.model_dirs.layout import INDEX_FILE, SINGLE_FILE, ModelDir, ModelDirError, check_same_tensors
 from adamerge.model_dirs.methods import get_method
 
@@ -95,9 +95,7 @@ def merge_model_dirs(base: str | Path, models: Sequence[str | Path], method: str
         log(f"{len(base_only)} tensors of the base are in no fine-tuned model ({', '.join(modules)}): written as the "
             f"base's (e.g. a CLIPModel base with CLIPVisionModel fine-tunes)")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # an error or interrupt never leaves a half-written model behind
         written = _write_weights(tmp, base_dir, model_dirs, spec, params, log, frozenset(base_only))
         copied = []
         for path in files_to_copy(copy_dir):
@@ -115,11 +113,6 @@ def merge_model_dirs(base: str | Path, models: Sequence[str | Path], method: str
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / MERGE_CONFIG).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a model folder is meant to be shared
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out} ({spec.name}, {written['tensors']} tensors in {len(written['files'])} file(s))")
     return out
 
@@ -152,20 +145,3 @@ def _write_weights(folder: Path, base: ModelDir, models: Sequence[ModelDir], spe
             "tensors": sum(dtypes.values()), "dtypes": dtypes, "total_size": total_size,
             "computed_in": "float32 (float64 tensors in float64), written in the base's dtype",
             "non_float_tensors": "copied from the base"}
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder to ``out``; an existing ``out`` (``--force``) is swapped out, then deleted."""
-    old = None
-    if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-            shutil.rmtree(old.parent, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old.parent, ignore_errors=True)

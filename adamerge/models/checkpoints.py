@@ -6,13 +6,13 @@ Nothing here ever unpickles: a pickled ``.pt``/``.ckpt`` is refused with a point
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from adamerge.io import save_atomic
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
 
@@ -23,19 +23,9 @@ class CheckpointError(RuntimeError):
 
 def save_state_dict(path: str | Path, state: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
     """Write ``state`` as safetensors via a temporary file + rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

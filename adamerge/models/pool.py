@@ -131,15 +131,3 @@ class CheckpointPool:
             check_compatible(theta0, state, source=f"checkpoint of {task!r} ({path})")
             states.append(self._admit(state, f"{task}[{i}]", path))
         return states
-
-
-def embedded_checkpoint_pool(cache_dir: str, preset: str = "demo", seed: int = 0) -> CheckpointPool:
-    """The pool of the embedded offline world (built and cached on first use)."""
-    from adamerge.embedded.world import embedded_pool
-
-    from adamerge.embedded.world import embedded_best_checkpoints
-
-    found = embedded_pool(cache_dir, preset=preset, seed=seed)
-    best = embedded_best_checkpoints(cache_dir, preset=preset, seed=seed)
-    return CheckpointPool(pretrained=found["pretrained"], finetuned=dict(found["finetuned"]),
-                          candidates={k: list(v) for k, v in best.items()})

@@ -34,6 +34,8 @@ from typing import Any, Iterable, Mapping
 
 from filelock import FileLock
 
+from adamerge import io
+
 REQUIRED_FIELDS = (
     "run_id", "time", "experiment", "method", "label", "model",
     "seed", "tasks", "accuracy", "avg", "extra", "config",
@@ -253,25 +255,8 @@ def _parse_time(text: str) -> datetime:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Replace ``path`` with ``text`` via a temporary file in the same directory + ``os.replace``.
-
-    Readers (and a crash halfway) see either the old file or the new one, never half of it.
-    """
-    path = Path(path)
-    tmp: str | None = None
+    """Replace ``path`` with ``text`` atomically (:mod:`adamerge.io`); a failure is a :class:`ResultsDirError`."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; tables are meant to be shared
-        os.replace(tmp, path)
-    except BaseException as error:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise ResultsDirError(f"cannot write {str(path)!r} ({error.strerror or error}); choose a writable output path") from error
-        raise
-    return path
+        return io.write_text_atomic(path, text)
+    except io.AtomicWriteError as error:
+        raise ResultsDirError(f"{error}; choose a writable output path") from error

@@ -18,6 +18,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.strategies import DDPStrategy
 
+from adamerge.io import write_text_atomic
+
 
 class RankFailedError(RuntimeError):
     """Another rank of this job failed; its error is the message."""
@@ -48,9 +50,7 @@ class RankFailureReport(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         text = "".join(traceback.format_exception_only(type(exception), exception)).strip()
         path = self.dirpath / f"rank-{trainer.global_rank}.error"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"rank {trainer.global_rank} (step {trainer.global_step}): {text}\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, f"rank {trainer.global_rank} (step {trainer.global_step}): {text}\n")
         if trainer.global_rank == 0:
             stop_local_ranks(trainer)
 
