@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: demo test install clean
+.PHONY: demo test install wheel-check clean
 
 install: $(STAMP)
 
@@ -24,5 +24,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The package as a user installs it: a built wheel in a fresh venv, run from outside the checkout (CI runs this).
+wheel-check:
+	rm -rf dist && $(PYTHON) -m pip wheel --quiet --no-deps -w dist .
+	set -e; away=$$(mktemp -d); wheel=$$(ls $(CURDIR)/dist/adamerge-*.whl); \
+	$(PYTHON) -m venv $$away/venv; \
+	$$away/venv/bin/python -m pip install --quiet --disable-pip-version-check -c requirements/constraints.txt $$wheel; \
+	cd $$away && venv/bin/adamerge --cfg job > /dev/null; \
+	venv/bin/adamerge experiment=smoke method=task_arithmetic threads=1 print_config=false > /dev/null; \
+	test -s results/raw/smoke.jsonl; echo "wheel-check: the installed wheel ran in $$away, outside the checkout"; \
+	rm -rf $$away
+
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) outputs multirun dist build
