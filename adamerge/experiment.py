@@ -116,14 +116,16 @@ def _run(cfg: DictConfig) -> float:
 
     if rank_zero_only.rank == 0:
         metrics_csv = run_dir / "csv" / "metrics.csv"
-        if "steps" in result.extra and metrics_csv.exists():
+        if result.steps is not None and metrics_csv.exists():
             curves = adaptation_curves(metrics_csv, run_dir / "curves.png", title=method.label)
             if curves is not None:
-                result.extra["curves_plot"] = str(curves)
-        images = {k: result.extra[f"{k}_plot"] for k in ("coefficients", "curves") if f"{k}_plot" in result.extra}
-        log_results(loggers, accuracy, step=int(result.extra.get("steps", 0)), images=images,
-                    trained="steps" in result.extra, unseen=result.extra.get("unseen_accuracy"))
+                result.figures["curves"] = str(curves)
+        log_results(loggers, accuracy, step=result.steps or 0, images=dict(result.figures),
+                    trained=result.steps is not None, unseen=result.extra.get("unseen_accuracy"))
         extra = dict(result.extra)
+        if result.steps is not None:
+            extra["steps"] = result.steps
+        extra.update({f"{name}_plot": path for name, path in result.figures.items()})
         extra["seconds"] = {"load": round(loaded - started, 2), "method": round(merged - loaded, 2),
                             "evaluate": round(time.time() - merged, 2)}
         extra["run_dir"] = str(run_dir)

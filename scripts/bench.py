@@ -123,6 +123,7 @@ def adamerging_worker(spec: dict) -> dict:
 
     from adamerge.adaptation.datamodule import UnlabelledTasksDataModule
     from adamerge.adaptation.module import AdaMergingModule
+    from adamerge.adaptation.spec import CoefficientSpec
     from adamerge.runtime.host_memory import keep_freed_host_memory_on
     from adamerge.merging import StackedTaskVectors
 
@@ -132,7 +133,8 @@ def adamerging_worker(spec: dict) -> dict:
     stacked = StackedTaskVectors.from_state_dicts(theta0, finetuned, names)
     del finetuned
     module = AdaMergingModule(backbone.visual, stacked, heads, functools.partial(torch.optim.Adam, lr=1e-3),
-                              granularity=spec["granularity"], init=0.3, clamp=None,  # FusionBench: no clamp
+                              CoefficientSpec(tuple(names), tuple(stacked.keys), spec["granularity"], 0.3,
+                                              None),  # FusionBench: no clamp
                               forward_mode=spec["forward_mode"])
     if spec.get("reuse_host_memory", True):  # process-wide, as an `adamerge` run sets it (each spec runs alone)
         keep_freed_host_memory_on(spec["device"])

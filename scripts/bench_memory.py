@@ -121,6 +121,7 @@ def step_worker(spec: dict) -> dict:
 
     from adamerge.adaptation.datamodule import UnlabelledTasksDataModule
     from adamerge.adaptation.module import AdaMergingModule
+    from adamerge.adaptation.spec import CoefficientSpec
     from adamerge.merging import StackedTaskVectors
     from adamerge.merging.task_vectors import mergeable_keys
     from adamerge.models.backbone import load_open_clip
@@ -138,9 +139,10 @@ def step_worker(spec: dict) -> dict:
     del theta0
     tasks, heads = random_tasks(backbone, names, spec["batch_size"] * spec.get("batches_per_task", 1), gen)
     vectors_mb = stacked.nbytes() / 2**20
+    # freed pages not kept (no keep_freed_host_memory): a CPU's figure stands in for a GPU's
     module = AdaMergingModule(backbone.visual, stacked, heads, functools.partial(torch.optim.Adam, lr=1e-3),
-                              # freed pages not kept (no keep_freed_host_memory): a CPU's figure stands in for a GPU's
-                              granularity="layer", init=0.3, clamp=(0.0, 1.0), forward_mode=spec["forward_mode"])
+                              CoefficientSpec(tuple(names), tuple(stacked.keys), "layer", 0.3, (0.0, 1.0)),
+                              forward_mode=spec["forward_mode"])
     data = UnlabelledTasksDataModule(tasks, spec["batch_size"], spec.get("batches_per_task", 1), "test", seed=0)
     times: list[float] = []
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from adamerge.adaptation.coefficient_file import CoefficientFileError, load_coefficients, save_coefficients
-from adamerge.adaptation.module import AdaMergingModule, NonFiniteLossError
+from adamerge.adaptation.guard import NonFiniteLossError
+from adamerge.adaptation.module import AdaMergingModule
 from adamerge.data.task import Task, TensorImages
 from adamerge.merging import StackedTaskVectors
 from adamerge.methods import AdaMerging, MergeContext, TaskArithmetic
@@ -50,7 +51,7 @@ def test_adamerging_trains_saves_and_reloads_coefficients(ctx, forward_mode):
     path = ctx.run_dir / "coefficients.safetensors"
     lam = load_state_dict(path)["coefficients"]
     assert lam.shape == (3, len(ctx.pretrained)) and not torch.allclose(lam, torch.full_like(lam, 0.3))
-    assert result.extra["steps"] == 4
+    assert result.steps == 4
     reloaded = AdaMerging(adam(), granularity="layer", coefficients=str(path)).run(ctx)
     for key, value in result.params.items():
         torch.testing.assert_close(reloaded.params[key], value)
@@ -101,7 +102,7 @@ def test_resume_reaches_the_same_coefficients(ctx):
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_coefficients(ctx, monkeypatch):
-    import adamerge.adaptation.module as module_mod
+    import adamerge.adaptation.step as module_mod
 
     calls = {"n": 0}
     real = module_mod.entropy_loss
@@ -135,13 +136,17 @@ def test_per_task_and_concat_forward_give_equal_gradients(ctx):
     names = ctx.task_names
     stacked = StackedTaskVectors.from_state_dicts(ctx.pretrained, [ctx.finetuned[n] for n in names], names)
     batch = {t.name: (t.split("test").images[:8], t.split("test").labels[:8]) for t in ctx.tasks}
+    from adamerge.adaptation.step import entropy_step
+    from adamerge.merging import MergeCoefficients
+
+    images = [batch[n][0] for n in names]
+    heads = [ctx.heads[n] for n in names]
     grads, losses = [], []
     for mode in ("concat", "per_task"):
-        module = AdaMergingModule(ctx.backbone.visual, stacked, ctx.heads, adam(), forward_mode=mode)
-        module.log = lambda *a, **k: None
-        module.manual_backward = lambda loss, *a, **k: loss.backward(*a, **k)
-        losses.append(module.backward_entropy(batch))
-        grads.append(module.coefficients.raw.grad.clone())
+        lam = MergeCoefficients(len(names), stacked.num_layers, "layer")
+        loss, _, _ = entropy_step(ctx.backbone.visual, stacked, lam(), images, heads, forward_mode=mode)
+        losses.append(loss)
+        grads.append(lam.raw.grad.clone())
     assert (grads[0] != 0).all()
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
@@ -180,7 +185,7 @@ def test_out_of_memory_suggests_what_bounds_memory(ctx, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(AdaMergingModule, "training_step", oom)
-    with pytest.raises(AdaptationOutOfMemory, match="forward_mode=per_task") as err:
+    with pytest.raises(AdaptationOutOfMemory, match="adaptation.forward_mode=per_task") as err:
         AdaMerging(adam(), granularity="layer", batch_size=8).run(ctx)
     assert "method.batch_size" in str(err.value)
 

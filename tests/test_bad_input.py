@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from adamerge.adaptation.checkpointing import ResumeCheckpointError, check_resume_checkpoint
 from adamerge.adaptation.coefficient_file import CoefficientFileError, save_coefficients
-from adamerge.adaptation.module import NonFiniteLossError
+from adamerge.adaptation.guard import NonFiniteLossError
 from adamerge.cli import CONF_DIR
 from adamerge.data.task import Task, TensorImages
 from adamerge.merging import MergeCoefficients, NonFiniteTensorError
@@ -166,7 +166,7 @@ def test_an_init_that_cannot_move_or_an_inverted_clamp_is_refused(init, clamp, m
 
 
 def test_nan_gradient_is_called_a_gradient_and_last_good_is_finite(ctx, monkeypatch):
-    import adamerge.adaptation.module as module_mod
+    import adamerge.adaptation.step as module_mod
 
     real = module_mod.entropy_loss
     calls = {"n": 0}

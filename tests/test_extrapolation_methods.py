@@ -170,7 +170,7 @@ def test_learned_extrapolation_exceeds_one_only_when_the_bound_allows(ctx, upper
     result = method.run(ctx)
     lam = load_state_dict(ctx.run_dir / "coefficients.safetensors")["coefficients"]
     bias = list(ctx.pretrained).index("ln_post.bias")
-    assert result.extra["steps"] == 5
+    assert result.steps == 5
     assert float(lam.max()) <= upper
     if upper > 1.0:
         assert (lam[:, bias] > 1.0).all()  # every task's bias extrapolated past its fine-tuned value

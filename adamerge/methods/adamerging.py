@@ -10,11 +10,10 @@ from typing import Callable
 
 import torch
 
-from adamerge.adaptation.checkpointing import (InterruptCheckpoint, RunInterrupted, check_resume_checkpoint,
-                                               checkpoint_identity)
-from adamerge.adaptation.coefficient_file import load_coefficients, save_coefficients
+from adamerge.adaptation.checkpointing import InterruptCheckpoint, RunInterrupted
 from adamerge.adaptation.datamodule import UnlabelledTasksDataModule
 from adamerge.adaptation.module import FORWARD_MODES, AdaMergingModule
+from adamerge.adaptation.spec import CoefficientSpec
 from adamerge.merging import StackedTaskVectors, mergeable_keys
 from adamerge.merging.coefficients import check_coefficient_spec
 from adamerge.merging.entropy import check_entropy_kind
@@ -65,30 +64,30 @@ class AdaMerging(Method):
             return None
         return {"keep": self.ties_keep, "count": self.ties_count, "zero_sign": self.ties_zero_sign}
 
+    def spec(self, ctx: MergeContext) -> CoefficientSpec:
+        """What λ is in this run (tasks, tensors, granularity, init, clamp, trimming): it creates λ, writes it
+        with its meaning, and refuses coefficient files and checkpoints that mean something else."""
+        return CoefficientSpec(tuple(ctx.task_names), tuple(mergeable_keys(ctx.pretrained)), self.granularity,
+                               self.init, self.clamp, self.trimming, self.label)
+
     def identity(self, ctx: MergeContext) -> dict:
-        """What λ means in this run: recorded in every checkpoint, compared on resume."""
-        return checkpoint_identity(tasks=ctx.task_names, layers=mergeable_keys(ctx.pretrained),
-                                   granularity=self.granularity, trimming=self.trimming, method=self.label)
+        return self.spec(ctx).identity()
 
     def run(self, ctx: MergeContext) -> MergeResult:
-        names = ctx.task_names
+        names, spec = ctx.task_names, self.spec(ctx)
         if ctx.ckpt_path and not self.coefficients_file:  # refuse a foreign checkpoint before building anything
-            check_resume_checkpoint(ctx.ckpt_path, self.identity(ctx))
+            spec.check_resume(ctx.ckpt_path)
         rule = ctx.ties_rule(self.ties_count, self.ties_zero_sign) if self.ties_keep is not None else None
         stacked = StackedTaskVectors.from_state_dicts(ctx.pretrained, [ctx.finetuned[n] for n in names], names,
                                                       ties_keep=self.ties_keep, dtype=self.vector_dtype, ties_rule=rule)
         if self.coefficients_file:  # evaluate learned coefficients without training
-            lam = load_coefficients(self.coefficients_file, tasks=names, layers=stacked.keys,
-                                    granularity=self.granularity, trimming=self.trimming, clamp=self.clamp)
+            lam = spec.load(self.coefficients_file)
             return MergeResult(params=stacked.merge(lam), extra={"coefficients_loaded_from": str(self.coefficients_file)})
         if ctx.make_trainer is None:
             raise ValueError("AdaMerging trains its coefficients and needs a trainer config (trainer=...)")
-        module = AdaMergingModule(ctx.backbone.visual, stacked, ctx.heads, self.optimizer, self.granularity,
-                                  self.init, self.clamp, self.forward_mode,
-                                  last_good_path=ctx.run_dir / "coefficients.last_good.safetensors", method=self.label,
-                                  trimming=self.trimming,
+        module = AdaMergingModule(ctx.backbone.visual, stacked, ctx.heads, self.optimizer, spec, self.forward_mode,
                                   batches_per_task=self.batches_per_task, entropy=self.entropy,
-                                  identity=self.identity(ctx))
+                                  last_good_path=ctx.run_dir / "coefficients.last_good.safetensors")
         data = UnlabelledTasksDataModule(ctx.tasks, self.batch_size, self.batches_per_task, "test", ctx.seed)
         trainer = ctx.make_trainer()
         try:
@@ -102,22 +101,21 @@ class AdaMerging(Method):
         except torch.OutOfMemoryError as err:
             raise AdaptationOutOfMemory(
                 f"out of memory while adapting {len(names)} tasks × {self.batch_size * self.batches_per_task} images "
-                f"(forward_mode={self.forward_mode}). Try method.forward_mode=per_task (one task's activations at a "
+                f"(forward_mode={self.forward_mode}). Try adaptation.forward_mode=per_task (one task's activations at a "
                 f"time), a smaller method.batch_size / method.batches_per_task, or trainer=ddp to spread the batch "
                 f"over more devices. Progress so far is in {ctx.run_dir / 'checkpoints'} (resume with ckpt_path=…).") from err
         module.cpu()
         with torch.no_grad():
             lam = module.coefficients().detach().clone()
-        path = save_coefficients(ctx.run_dir / "coefficients.safetensors", lam, granularity=self.granularity,
-                                 tasks=names, layers=stacked.keys, method=self.label, trimming=self.trimming,
-                                 step=trainer.global_step)
+        path = spec.save(ctx.run_dir / "coefficients.safetensors", lam, step=trainer.global_step)
         heatmap = coefficient_heatmap(lam, names, stacked.keys, ctx.run_dir / "coefficients.png", title=self.label,
                                       clamp=self.clamp)
-        extra = {"coefficients_file": str(path), "coefficients_plot": str(heatmap), "steps": trainer.global_step,
+        extra = {"coefficients_file": str(path),
                  "task_vector_bytes": stacked.nbytes(),
                  "coefficients_at_clamp": module.coefficients.at_bounds(),
                  "coefficients_total": module.coefficients.raw.numel(),
                  "lambda_mean_per_task": dict(zip(names, lam.mean(1).tolist()))}
         with torch.no_grad():
             params = stacked.merge(lam)
-        return MergeResult(params=params, extra=extra)
+        return MergeResult(params=params, extra=extra, steps=trainer.global_step,
+                           figures={"coefficients": str(heatmap)})

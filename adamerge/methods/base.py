@@ -64,11 +64,16 @@ class MergeContext:
 
 @dataclass
 class MergeResult:
-    """Either one merged tower (``params``) or one tower per task (``per_task``, e.g. Individual)."""
+    """Either one merged tower (``params``) or one tower per task (``per_task``, e.g. Individual).
+
+    ``steps``: optimiser steps a Lightning trainer ran (None: no trainer ran); ``figures``: name → image file
+    (the λ heatmap, the adaptation curves); ``extra``: what else the run record keeps (chosen λ, timings, …)."""
 
     params: StateDict | None = None
     per_task: dict[str, StateDict] | None = None
     extra: dict = field(default_factory=dict)
+    steps: int | None = None
+    figures: dict[str, str] = field(default_factory=dict)
 
 
 class Method:

@@ -112,7 +112,8 @@ class _ExtrapolateThenMerge(Method):
             extra[f"{key}_per_task"] = {name: point[key] for name, point in chosen.items()}
         if searches:
             extra["search"] = searches
-        return MergeResult(params=inner.params, per_task=inner.per_task, extra=extra)
+        return MergeResult(params=inner.params, per_task=inner.per_task, extra=extra, steps=inner.steps,
+                           figures=inner.figures)
 
 
 class ExPO(_ExtrapolateThenMerge):
