@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import adamerge  # noqa: F401,E402  (repairs torchvision before open_clip is imported)
+import lightning as L  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
-from adamerge.data.task import TensorImages  # noqa: E402
+from adamerge.data.task import Task, TensorImages  # noqa: E402
 from adamerge.embedded import (TASK_NAMES, build_world, embedded_backbone, embedded_best_checkpoints,  # noqa: E402
                                embedded_pool, embedded_tasks, read_manifest, world_dir)
 from adamerge.embedded.digits import digit_splits  # noqa: E402
 from adamerge.evaluation.accuracy import dataset_accuracy  # noqa: E402
-from adamerge.finetuning import FinetuneConfig, finetune_vision_tower  # noqa: E402
+from adamerge.finetuning import FinetuneRecipe, finetune_task  # noqa: E402
 from adamerge.models.backbone import load_open_clip  # noqa: E402
 from adamerge.models.checkpoints import load_state_dict  # noqa: E402
 from adamerge.models.heads import zero_shot_head  # noqa: E402
@@ -152,16 +154,22 @@ def test_finetuning_moves_only_the_vision_tower():
     head_before = head.clone()
     images = torch.randn(48, 3, backbone.image_size, backbone.image_size)
     data = TensorImages(images, torch.arange(48) % 3)
-    result = finetune_vision_tower(backbone.visual, head, data, val=data,
-                                   config=FinetuneConfig(steps=6, batch_size=16, lr=1e-2, warmup_steps=2, eval_every=2))
+    task = Task("colors", ["red", "green", "blue"], ["a {} thing."], {"train": data, "val": data})
+    recipe = FinetuneRecipe(lr=1e-2, warmup_steps=2, batch_size=16, max_steps=6, val_every_n_steps=2,
+                            decay="matrices", grad_clip_norm=None, shuffle="stream")
+    with tempfile.TemporaryDirectory() as ckpt_dir:
+        outcome = finetune_task(backbone.visual, head, task, recipe, seed=0, ckpt_dir=ckpt_dir, make_trainer=lambda **kw:
+                                L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False,
+                                          enable_model_summary=False, num_sanity_val_steps=0, **kw))
     after = backbone.clip.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # text tower, logit scale, θ₀: untouched
     assert torch.equal(head, head_before) and not head.requires_grad
-    assert result.state_dict.keys() == backbone.visual.state_dict().keys()
-    changed = [k for k, v in result.state_dict.items() if not torch.equal(v, before[f"visual.{k}"])]
-    assert "conv1.weight" in changed and len(changed) > len(result.state_dict) // 2
-    assert len(result.best) == 2 and result.best[0].val_accuracy >= result.best[1].val_accuracy
-    assert [s for s, _ in result.val_history] == [2, 4, 6]
+    state = outcome.module.vision_state()
+    assert state.keys() == backbone.visual.state_dict().keys()
+    changed = [k for k, v in state.items() if not torch.equal(v, before[f"visual.{k}"])]
+    assert "conv1.weight" in changed and len(changed) > len(state) // 2
+    assert len(outcome.best) == 2 and outcome.best[0][1] >= outcome.best[1][1]
+    assert outcome.trainer.global_step == 6 and outcome.module.validated_at[0] == 6
 
 
 def _caption_batches(size: int):
@@ -204,9 +212,9 @@ def test_pretraining_holds_a_fixed_logit_scale_when_asked():
 def test_demo100_differs_from_demo_only_in_the_temperature():
     from dataclasses import replace
 
-    from adamerge.embedded.presets import PRESETS
+    from adamerge.embedded.presets import get_preset
 
-    demo, demo100 = PRESETS["demo"], PRESETS["demo100"]
+    demo, demo100 = get_preset("demo"), get_preset("demo100")
     assert demo.pretrain.logit_scale is None and demo.pretrain.learn_logit_scale  # the default world is untouched
     assert demo100.pretrain.logit_scale == 100.0 and not demo100.pretrain.learn_logit_scale
     assert replace(demo100, name="demo", pretrain=replace(demo100.pretrain, logit_scale=None,
@@ -218,11 +226,13 @@ def test_world_built_with_a_fixed_logit_scale_keeps_it(tmp_path, monkeypatch):
 
     from adamerge.embedded import presets
 
-    tiny = presets.PRESETS["tiny"]
-    quick = replace(tiny, name="tiny100", split_sizes={"train": 64, "val": 32, "test": 32}, pool_size=256,
-                    pretrain=replace(tiny.pretrain, steps=10, logit_scale=100.0, learn_logit_scale=False),
-                    finetune=replace(tiny.finetune, steps=4, eval_every=2))
-    monkeypatch.setitem(presets.PRESETS, "tiny100", quick)
+    worlds = tmp_path / "worlds"  # a preset of one's own: a YAML file with a base, as in adamerge/conf/world/
+    worlds.mkdir()
+    (worlds / "tiny.yaml").write_text((presets.WORLD_DIR / "tiny.yaml").read_text())
+    (worlds / "tiny100.yaml").write_text(
+        "base: tiny\nname: tiny100\nsplit_sizes: {train: 64, val: 32, test: 32}\npool_size: 256\n"
+        "pretrain: {steps: 10, logit_scale: 100.0, learn_logit_scale: false}\nfinetune: {max_steps: 4, val_every_n_steps: 2}\n")
+    monkeypatch.setattr(presets, "WORLD_DIR", worlds)
     world = build_world(tmp_path, preset="tiny100", seed=0)
     assert read_manifest(world)["pretraining"]["logit_scale"] == pytest.approx(100.0, rel=1e-5)
     clip = load_state_dict(world / "clip.safetensors")

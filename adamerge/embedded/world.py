@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 import logging
 import shutil
+import tempfile
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import lightning as L
 import torch
 from filelock import FileLock
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -28,11 +32,12 @@ from adamerge.embedded.presets import WORLD_VERSION, WorldPreset, get_preset
 from adamerge.embedded.pretraining import pretrain_clip
 from adamerge.embedded.tasks import SPLITS, TASK_NAMES, TASK_SPECS, TaskSpec, make_task_splits, task_spec
 from adamerge.evaluation.accuracy import dataset_accuracy
-from adamerge.finetuning import finetune_vision_tower
+from adamerge.finetuning.lightning import finetune_task, vision_state_from_lightning_checkpoint
 from adamerge.merging import task_arithmetic, task_vector
 from adamerge.models.backbone import Backbone, load_open_clip
 from adamerge.models.checkpoints import save_state_dict
 from adamerge.models.pool import CheckpointPool
+from adamerge.runtime.process import QUIET_WARNINGS
 from adamerge.models.heads import zero_shot_head
 from adamerge.io import save_atomic, write_text_atomic
 
@@ -147,26 +152,56 @@ def _build(world: Path, config: WorldPreset, seed: int) -> None:
     log.info("embedded world [%s] built in %.1f s: %s", config.name, manifest["timings"]["total"], world)
 
 
+@contextmanager
+def _quiet_lightning():
+    """Lightning's hardware tips and known warnings, once per task, are noise inside a world build."""
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    with warnings.catch_warnings():
+        for pattern in (r".*does not have many workers.*", *QUIET_WARNINGS):
+            warnings.filterwarnings("ignore", message=pattern)
+        lightning_log.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            lightning_log.setLevel(level)
+
+
 def _finetune_task(world: Path, config: WorldPreset, spec: TaskSpec, index: int, backbone: Backbone,
                    head: torch.Tensor, splits: dict[str, TensorImages], seed: int) -> tuple[dict, dict]:
-    """Fine-tune one task's vision tower; save θₖ and the best-two-by-val checkpoints; measure."""
-    steps = config.finetune_steps.get(spec.name, config.finetune.steps)
-    ft_config = replace(config.finetune, steps=steps, warmup_steps=max(1, steps // 10), seed=seed * 1000 + index)
-    result = finetune_vision_tower(backbone.visual, head, splits["train"], val=splits["val"], config=ft_config)
-    meta = {"arch": config.arch, "task": spec.name, "steps": steps}
-    save_state_dict(world / "finetuned" / f"{spec.name}.safetensors", result.state_dict, {**meta, "model": "finetuned"})
-    for rank, ckpt in enumerate(result.best, start=1):
-        save_state_dict(world / "checkpoints" / spec.name / f"best-{rank}.safetensors", ckpt.state_dict,
-                        {**meta, "model": f"best-{rank}", "step": ckpt.step, "val_accuracy": ckpt.val_accuracy})
+    """Fine-tune one task's vision tower by the one fine-tuning path (adamerge-finetune's); save θₖ and the
+    best-two-by-val checkpoints; measure."""
+    steps = config.finetune_steps.get(spec.name, config.finetune.max_steps)
+    recipe = replace(config.finetune, max_steps=steps, warmup_steps=max(1, steps // 10))
+    task = Task(spec.name, list(spec.classnames), list(spec.templates), dict(splits))
+
+    def make_trainer(**kwargs):
+        return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=recipe.grad_clip_norm,
+                         **kwargs)
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"finetune-{spec.name}-") as ckpt_dir, _quiet_lightning():
+        outcome = finetune_task(backbone.visual, head, task, recipe, seed=seed * 1000 + index, ckpt_dir=ckpt_dir,
+                                make_trainer=make_trainer)
+        final = outcome.module.vision_state()
+        meta = {"arch": config.arch, "task": spec.name, "steps": steps}
+        save_state_dict(world / "finetuned" / f"{spec.name}.safetensors", final, {**meta, "model": "finetuned"})
+        best = []
+        for rank, (path, score) in enumerate(outcome.best, start=1):
+            state, step = vision_state_from_lightning_checkpoint(path)
+            save_state_dict(world / "checkpoints" / spec.name / f"best-{rank}.safetensors", state,
+                            {**meta, "model": f"best-{rank}", "step": step, "val_accuracy": score})
+            best.append({"step": step, "val_accuracy": round(score, 4)})
+    seconds = time.perf_counter() - started
     tuned = copy.deepcopy(backbone.visual)
-    tuned.load_state_dict(result.state_dict)
-    return result.state_dict, {
+    tuned.load_state_dict(final)
+    return final, {
         "zero_shot": round(dataset_accuracy(backbone.visual, head, splits["test"]), 4),
         "finetuned": round(dataset_accuracy(tuned, head, splits["test"]), 4),
         "zero_shot_val": round(dataset_accuracy(backbone.visual, head, splits["val"]), 4),
         "finetuned_val": round(dataset_accuracy(tuned, head, splits["val"]), 4),
-        "finetune_steps": steps, "finetune_seconds": round(result.seconds, 2),
-        "best_checkpoints": [{"step": c.step, "val_accuracy": round(c.val_accuracy, 4)} for c in result.best],
+        "finetune_steps": steps, "finetune_seconds": round(seconds, 2), "best_checkpoints": best,
     }
 
 

@@ -39,13 +39,10 @@ def run(cfg: DictConfig) -> float:
 
 def _run(cfg: DictConfig) -> float:
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from adamerge.evaluation.accuracy import dataset_accuracy
+    from adamerge.finetuning.lightning import export_finetuned, finetune_task
     from adamerge.runtime.process import start_process
     from adamerge.runtime.reporting import make_loggers, print_config
-    from adamerge.finetuning.lightning import (VAL_METRIC, TaskDataModule, VisionTowerFinetuner, export_finetuned,
-                                               ranked_checkpoints)
     from adamerge.models.head_cache import cached_heads
     from adamerge.results.records import ResultsDirError, check_writable
 
@@ -85,33 +82,17 @@ def _run(cfg: DictConfig) -> float:
     backbone = instantiate(cfg.model)
     (task,) = instantiate(cfg.tasks, backbone=backbone, names=[name])  # real datasets need its transform
     head = cached_heads(backbone, [task], cfg.paths.get("cache_dir"))[task.name]
-    module = VisionTowerFinetuner(backbone.visual, head, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                                  warmup_steps=recipe.warmup_steps, decay=recipe.decay)
-    data = TaskDataModule(task, batch_size=recipe.batch_size, num_workers=recipe.num_workers,
-                          val_batch_size=recipe.val_batch_size, seed=int(cfg.seed))
-
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}-val_acc{val_acc:.4f}",
-                                 auto_insert_metric_name=False, monitor=VAL_METRIC, mode="max",
-                                 save_top_k=recipe.keep_best, save_last=True)
-    val_schedule = ({"val_check_interval": recipe.val_every_n_steps, "check_val_every_n_epoch": None}
-                    if recipe.val_every_n_steps else {})
     loggers = make_loggers(cfg)
-    trainer = instantiate(cfg.trainer, max_epochs=epochs, logger=loggers or False, callbacks=[checkpoint],
-                          **val_schedule)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+
+    def make_trainer(**kwargs):
+        return instantiate(cfg.trainer, logger=loggers or False, **kwargs)
+
+    outcome = finetune_task(backbone.visual, head, task, recipe, seed=int(cfg.seed), ckpt_dir=ckpt_dir,
+                            make_trainer=make_trainer, epochs=epochs, ckpt_path=ckpt_path, device=process.device)
+    trainer, module, best, val_accuracy = outcome.trainer, outcome.module, outcome.best, outcome.val_accuracy
     if not trainer.is_global_zero:
         return float("nan")
-
-    if module.validated_at is not None and module.validated_at[0] == trainer.global_step:
-        val_accuracy = module.validated_at[1]  # the last validation saw the final weights
-    else:  # the step cap ended the run between validations
-        val_accuracy = dataset_accuracy(module.visual, module.head, task.split("val"),
-                                        batch_size=recipe.val_batch_size, device=process.device)
-    best = ranked_checkpoints(checkpoint.best_k_models)
-    if len(best) < recipe.keep_best:
-        log.warning("%s: only %d validation(s) ran, so %d best checkpoint(s) instead of %d; validate more often "
-                    "(finetune.val_every_n_steps=N)", name, len(best), len(best), recipe.keep_best)
     metadata = {"task": name, "backbone": str(cfg.model_name), "steps": int(trainer.global_step),
                 "epochs": int(trainer.current_epoch), "val_accuracy": val_accuracy, "seed": int(cfg.seed),
                 "recipe": OmegaConf.to_container(cfg.finetune, resolve=True), "run_dir": str(run_dir)}
