@@ -34,3 +34,17 @@ def tiny_models(tiny_backbone):
 def embedded_cache(tmp_path_factory):
     """One cache dir for the whole session, so the tiny embedded world is built once."""
     return tmp_path_factory.mktemp("adamerge-cache")
+
+
+@pytest.fixture()
+def ctx(tiny_backbone, tiny_models, tmp_path):
+    """A MergeContext: three random tasks on the tiny tower, its three fine-tuned versions, random heads and a
+    4-step CPU trainer."""
+    from adamerge.methods import MergeContext
+    from tests.helpers import make_tasks, random_heads, trainer_factory
+
+    theta0, finetuned = tiny_models
+    tasks = make_tasks()
+    return MergeContext(backbone=tiny_backbone, tasks=tasks, pretrained=theta0,
+                        finetuned={t.name: f for t, f in zip(tasks, finetuned)}, heads=random_heads(tasks),
+                        run_dir=tmp_path, make_trainer=trainer_factory(tmp_path))

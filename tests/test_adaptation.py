@@ -9,39 +9,11 @@ import torch
 from adamerge.adaptation.coefficient_file import CoefficientFileError, load_coefficients, save_coefficients
 from adamerge.adaptation.guard import NonFiniteLossError
 from adamerge.adaptation.module import AdaMergingModule
-from adamerge.data.task import Task, TensorImages
+from adamerge.data.task import TensorImages
 from adamerge.merging import StackedTaskVectors
-from adamerge.methods import AdaMerging, MergeContext, TaskArithmetic
+from adamerge.methods import AdaMerging, TaskArithmetic
 from adamerge.models.checkpoints import load_state_dict
-
-
-def make_tasks(n_tasks=3, n=24, classes=4):
-    gen = torch.Generator().manual_seed(5)
-    tasks = []
-    for i in range(n_tasks):
-        splits = {s: TensorImages(torch.randn(n, 3, 16, 16, generator=gen), torch.randint(0, classes, (n,), generator=gen))
-                  for s in ("train", "val", "test")}
-        tasks.append(Task(f"t{i}", [f"c{j}" for j in range(classes)], ["a {}"], splits))
-    return tasks
-
-
-@pytest.fixture()
-def ctx(tiny_backbone, tiny_models, tmp_path):
-    theta0, ft = tiny_models
-    tasks = make_tasks()
-    heads = {t.name: torch.randn(4, 32, generator=torch.Generator().manual_seed(i)) * 5 for i, t in enumerate(tasks)}
-
-    def make_trainer(max_steps=4, **kw):
-        return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, **kw)
-
-    return MergeContext(backbone=tiny_backbone, tasks=tasks, pretrained=theta0,
-                        finetuned={t.name: f for t, f in zip(tasks, ft)}, heads=heads, run_dir=tmp_path,
-                        make_trainer=make_trainer)
-
-
-def adam(lr=1e-2):
-    return lambda params: torch.optim.Adam(params, lr=lr)
+from tests.helpers import adam
 
 
 @pytest.mark.parametrize("forward_mode", ["concat", "per_task"])

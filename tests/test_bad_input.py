@@ -12,13 +12,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from adamerge.adaptation.checkpointing import ResumeCheckpointError, check_resume_checkpoint
 from adamerge.adaptation.coefficient_file import CoefficientFileError, save_coefficients
 from adamerge.adaptation.guard import NonFiniteLossError
-from adamerge.cli import CONF_DIR
-from adamerge.data.task import Task, TensorImages
 from adamerge.merging import MergeCoefficients, NonFiniteTensorError
 from adamerge.methods import AdaMerging, MergeContext, TaskArithmetic, WeightAveraging
 from adamerge.methods.baselines import Individual
@@ -26,37 +23,7 @@ from adamerge.models.checkpoints import load_state_dict, save_state_dict
 from adamerge.models.pool import CheckpointPool
 from adamerge.validation import ConfigError, validate_run_config
 from tests.cli_runner import adamerge, records
-
-
-def make_tasks(n_tasks=3, n=24, classes=4):
-    gen = torch.Generator().manual_seed(5)
-    return [Task(f"t{i}", [f"c{j}" for j in range(classes)], ["a {}"],
-                 {s: TensorImages(torch.randn(n, 3, 16, 16, generator=gen), torch.randint(0, classes, (n,), generator=gen))
-                  for s in ("val", "test")}) for i in range(n_tasks)]
-
-
-@pytest.fixture()
-def ctx(tiny_backbone, tiny_models, tmp_path):
-    theta0, ft = tiny_models
-    tasks = make_tasks()
-    heads = {t.name: torch.randn(4, 32, generator=torch.Generator().manual_seed(i)) * 5 for i, t in enumerate(tasks)}
-
-    def make_trainer(max_steps=4, **kw):
-        return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, **kw)
-
-    return MergeContext(backbone=tiny_backbone, tasks=tasks, pretrained=theta0,
-                        finetuned={t.name: f for t, f in zip(tasks, ft)}, heads=heads, run_dir=tmp_path,
-                        make_trainer=make_trainer)
-
-
-def adam(lr=1e-2):
-    return lambda params: torch.optim.Adam(params, lr=lr)
-
-
-def compose_cfg(overrides=()):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+from tests.helpers import adam, compose_cfg
 
 
 # 1. coefficient files -------------------------------------------------------------------------------------------
@@ -323,20 +290,11 @@ def test_ctrl_c_in_a_multirun_saves_the_step_says_how_to_resume_and_tabulates_fi
 # the run's own checks on what leaves a merge ---------------------------------------------------------------------
 
 def _run_in_process(tmp_path, embedded_cache, overrides):
-    from hydra.core.hydra_config import HydraConfig
+    import adamerge
 
-    from adamerge.experiment import run
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=smoke", "threads=1", "print_config=false", "logger=none",
-                                           f"paths.cache_dir={embedded_cache}", f"paths.results_dir={tmp_path / 'results'}",
-                                           f"paths.output_dir={tmp_path / 'run'}", *overrides], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    from omegaconf import open_dict
-
-    with open_dict(cfg):  # a job's config, as @hydra.main passes it, has no hydra node
-        del cfg["hydra"]
-    return run(cfg)
+    return adamerge.run(adamerge.compose([
+        "experiment=smoke", "threads=1", "print_config=false", "logger=none", f"paths.cache_dir={embedded_cache}",
+        f"paths.results_dir={tmp_path / 'results'}", f"paths.output_dir={tmp_path / 'run'}", *overrides]))
 
 
 def test_a_diverging_merge_is_refused_and_nothing_recorded(tmp_path, embedded_cache):

@@ -1,21 +1,20 @@
 """The config tree is the registry: every preset composes, and a wrong name lists the valid ones."""
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from adamerge.cli import CONF_DIR
-
-GROUPS = ["model", "tasks", "pool", "method", "optimizer", "trainer", "logger", "callbacks", "experiment", "paths",
-          "hydra"]
+from adamerge.runtime.config import CONF_DIR
+from tests.helpers import compose_cfg as _compose
 
 
 def compose_cfg(overrides=()):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=True)
+    return _compose(overrides, hydra=True)
+
+
+
+GROUPS = ["model", "tasks", "pool", "method", "optimizer", "trainer", "logger", "callbacks", "experiment", "paths",
+          "hydra"]
 
 
 def test_required_groups_exist():

@@ -12,20 +12,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from adamerge.cli import CONF_DIR
+from adamerge.runtime.config import CONF_DIR
 from adamerge.data.benchmark import benchmark_tasks
 from adamerge.data.corruptions import (CORRUPTION_FUNCTIONS, CORRUPTIONS, PROFILES, Corrupt, check_corruption,
                                        corrupt, with_corruption)
 from adamerge.data.decode_cache import DecodedImages
 from adamerge.data.task import TensorImages
 from adamerge.results.tables import build_table
-from tests.test_datasets import make_eurosat
+from tests.helpers import compose_cfg
+from tests.fake_datasets import make_eurosat
 
 
 def _picture(width=64, height=48, mode="RGB") -> Image.Image:
@@ -164,8 +164,7 @@ def test_unknown_corruption_fails_before_reading_data(tmp_path, tiny_backbone):
 # --- configs ------------------------------------------------------------------------------------------
 
 def _compose(overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=True)
+    return compose_cfg(overrides)
 
 
 def _sweep(cfg) -> dict[str, list[str]]:

@@ -14,7 +14,7 @@ from adamerge.merging.regmean import (OPEN_CLIP_INPUT_MAJOR, SingularGramError, 
                                       regmean_linear, regmean_merge)
 from adamerge.methods import Dare, FisherMerging, MergeContext, RegMean, TaskArithmetic, Ties
 from tests.cli_runner import adamerge, records
-from tests.test_configs import compose_cfg
+from tests.helpers import compose_cfg
 
 NEW_METHODS = {"dare_task_arithmetic": Dare, "dare_ties": Dare, "fisher": FisherMerging, "regmean": RegMean}
 
@@ -317,8 +317,21 @@ def test_data_based_merges_never_read_labels_and_leave_the_backbone_untouched(ct
     assert all(torch.equal(before[k], v) for k, v in ctx.backbone.visual.state_dict().items())
 
 
-def test_regmean_on_the_tower_declares_proj_input_major():
-    assert OPEN_CLIP_INPUT_MAJOR == ("proj",)
+def test_regmean_solves_open_clips_proj_as_the_input_major_map_it_is():
+    """open_clip applies ``pooled @ proj`` (in × out): RegMean's closed form for it is (Σ G)⁻¹ Σ G P, with the Gram
+    of the pooled features, not the transposed form of an nn.Linear weight."""
+    gen = torch.Generator().manual_seed(0)
+    projections = [torch.randn(6, 4, generator=gen) for _ in range(2)]
+    inputs = [torch.randn(20, 6, generator=gen) for _ in range(2)]
+    grams = [x.T @ x / len(x) for x in inputs]
+    want = torch.linalg.solve((grams[0] + grams[1]).double(),
+                              (grams[0] @ projections[0] + grams[1] @ projections[1]).double()).float()
+    merged = regmean_merge([{"proj": p} for p in projections], [{"proj": g} for g in grams], alpha=1.0,
+                           input_major=OPEN_CLIP_INPUT_MAJOR)
+    torch.testing.assert_close(merged["proj"], want, atol=1e-5, rtol=1e-5)
+    # read as out × in (the nn.Linear convention), proj's Gram fits none of its dimensions: refused, named
+    with pytest.raises(ValueError, match="input_major"):
+        regmean_merge([{"proj": p} for p in projections], [{"proj": g} for g in grams], alpha=1.0)
 
 
 # ---------------------------------------------------------------- configs
@@ -327,7 +340,9 @@ def test_regmean_on_the_tower_declares_proj_input_major():
 def test_config_composes_and_instantiates(method):
     cfg = compose_cfg([f"method={method}"])
     built = instantiate(cfg.method)
-    assert isinstance(built, NEW_METHODS[method]) and built.label
+    labels = {"dare_task_arithmetic": "DARE + Task Arithmetic", "dare_ties": "DARE + TIES-Merging",
+              "fisher": "Fisher Merging", "regmean": "RegMean"}
+    assert isinstance(built, NEW_METHODS[method]) and built.label == labels[method]
     if method.startswith("dare"):
         assert built.base == ("ties" if method == "dare_ties" else "task_arithmetic") and built.p == 0.5
 

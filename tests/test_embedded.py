@@ -222,8 +222,6 @@ def test_demo100_differs_from_demo_only_in_the_temperature():
 
 
 def test_world_built_with_a_fixed_logit_scale_keeps_it(tmp_path, monkeypatch):
-    from dataclasses import replace
-
     from adamerge.embedded import presets
 
     worlds = tmp_path / "worlds"  # a preset of one's own: a YAML file with a base, as in adamerge/conf/world/

@@ -6,7 +6,7 @@ import torch
 from adamerge.merging import task_arithmetic, task_vector
 from adamerge.merging.extrapolation import expo, extrapolation_merge, interpolate
 from adamerge.search import local_search
-from tests.test_merging_identities import assert_state_close
+from tests.helpers import assert_state_close
 
 
 def test_expo_at_zero_is_finetuned(tiny_models):

@@ -15,8 +15,8 @@ from adamerge.models.checkpoints import load_state_dict, save_state_dict
 from adamerge.models.heads import logits
 from adamerge.models.pool import CheckpointPool, MissingCheckpointError
 from tests.cli_runner import adamerge, records
-from tests.test_configs import compose_cfg
-from tests.test_merging_identities import assert_state_close
+from tests.helpers import compose_cfg
+from tests.helpers import assert_state_close
 
 NEW_METHODS = ["expo", "extrapolation_merging", "extrapolation_merging_entropy", "adamerging_extrapolation",
                "adamerging_extrapolation_taskwise"]
@@ -178,9 +178,18 @@ def test_learned_extrapolation_exceeds_one_only_when_the_bound_allows(ctx, upper
         assert torch.allclose(lam[:, bias], torch.ones(3))  # pushed up against the clamp, never above 1
 
 
+LABELS = {"expo": ("ExPO", "ExPO (α=0.5) + Task Arithmetic (λ=0.3)"),
+          "extrapolation_merging": ("ExtrapolationMerging", "Extrapolation Merging (val) + Task Arithmetic (λ tuned on val)"),
+          "extrapolation_merging_entropy": ("ExtrapolationMerging",
+                                            "Extrapolation Merging (entropy) + Task Arithmetic (λ tuned on val)"),
+          "adamerging_extrapolation": ("AdaMerging", "Layer-wise AdaMerging (λ ≤ 2.0, learned extrapolation)"),
+          "adamerging_extrapolation_taskwise": ("AdaMerging", "Task-wise AdaMerging (λ ≤ 2.0, learned extrapolation)")}
+
+
 @pytest.mark.parametrize("method", NEW_METHODS)
 def test_every_new_method_composes_and_instantiates(method):
-    assert instantiate(compose_cfg([f"method={method}"]).method).label
+    built = instantiate(compose_cfg([f"method={method}"]).method)
+    assert (type(built).__name__, built.label) == LABELS[method]
 
 
 @pytest.mark.parametrize("inner,cls", [("ties", "Ties"), ("adamerging_taskwise", "AdaMerging"),
@@ -193,8 +202,11 @@ def test_inner_method_is_chosen_as_a_config_group(inner, cls):
 
 
 def test_inner_method_given_as_a_string_is_refused_with_the_group_syntax():
-    with pytest.raises(Exception, match=r"method@method.merge=ties"):
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match=r"method@method.merge=ties") as err:
         instantiate(compose_cfg(["method=expo", "method.merge=ties"]).method)
+    assert isinstance(err.value.__cause__, TypeError)
 
 
 @pytest.mark.slow

@@ -21,9 +21,9 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 from safetensors import safe_open
 
-from adamerge.cli import CONF_DIR
+from adamerge.runtime.config import CONF_DIR
 from adamerge.finetuning.cli import run
-from adamerge.finetuning.lightning import FinetuneRecipe, TaskDataModule, VisionTowerFinetuner, ranked_checkpoints
+from adamerge.finetuning.lightning import TaskDataModule, VisionTowerFinetuner, ranked_checkpoints
 from adamerge.finetuning.schedule import warmup_cosine
 from adamerge.models.checkpoints import load_state_dict
 from adamerge.models.pool import CheckpointPool

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
-from adamerge.cli import CONF_DIR
+from adamerge.runtime.config import CONF_DIR
+from tests import helpers
 from adamerge.models.backbone import PretrainedWeightsUnavailable, load_open_clip
 from adamerge.models.checkpoints import load_state_dict
 from adamerge.models.hf_clip import (HFCheckpointError, HFCheckpointPool, HFCheckpointUnavailable, file_digest,
@@ -202,8 +202,7 @@ def test_hub_ids_come_from_the_local_cache_only_and_missing_ones_fail_fast(hf_di
 
 
 def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    cfg = helpers.compose_cfg(overrides)
     HydraConfig.instance().set_config(cfg)  # resolves ${hydra:runtime.choices.model} (model_name)
     return cfg
 

@@ -8,12 +8,7 @@ from adamerge.merging import (CheckpointMismatchError, MergeCoefficients, Stacke
                               entropy_loss, task_arithmetic, task_vector, ties_merge, ties_task_vectors,
                               trim_top_k, weight_average)
 from adamerge.merging.ties import flatten
-
-
-def assert_state_close(a, b, atol=1e-6):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+from tests.helpers import assert_state_close
 
 
 def vectors_of(theta0, finetuned):

@@ -7,12 +7,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from adamerge.cli import CONF_DIR
+from adamerge.runtime.config import CONF_DIR
 from adamerge.experiment import run
 from adamerge.models.backbone import load_open_clip
 from adamerge.models.checkpoints import save_state_dict
 from tests.cli_runner import records
-from tests.test_datasets import (make_cars, make_dtd, make_eurosat, make_gtsrb, make_mnist, make_resisc45,
+from tests.fake_datasets import (make_cars, make_dtd, make_eurosat, make_gtsrb, make_mnist, make_resisc45,
                                  make_sun397, make_svhn)
 
 pytestmark = pytest.mark.slow

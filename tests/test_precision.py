@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from adamerge.merging import StackedTaskVectors
 from adamerge.methods import AdaMerging
-from tests.test_adaptation import adam, ctx  # noqa: F401  (the MergeContext fixture)
+from tests.helpers import adam
 
 
 def stacks(tiny_models, dtype):

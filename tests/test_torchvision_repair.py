@@ -4,7 +4,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 
 from adamerge.compat import torchvision_ops
@@ -62,8 +61,12 @@ def test_declaring_is_idempotent_once_the_ops_exist():
     assert torchvision_ops.declare_missing_schemas() == []
 
 
-def test_without_repair_this_machine_would_fail_or_extension_is_healthy():
-    """Documents the trap: either the extension loads natively, or importing without the repair fails."""
+def test_the_repair_is_needed_exactly_where_the_extension_cannot_load():
+    """Without the repair, this machine's torchvision fails to import exactly when adamerge had to declare the
+    schemas; where the extension loads natively, adamerge used it and changed nothing."""
+    import adamerge
+
+    expected = {"extension": "healthy", "schemas": "broken"}[adamerge.TORCHVISION_REPAIR]
     out = run_python("""
         import torch, importlib.util, pathlib
         spec = importlib.util.find_spec("torchvision")
@@ -77,4 +80,4 @@ def test_without_repair_this_machine_would_fail_or_extension_is_healthy():
             except RuntimeError as e:
                 print("broken" if "torchvision::nms" in str(e) else f"other {e}")
     """)
-    assert out.strip() in {"healthy", "broken"}
+    assert out.strip() == expected

@@ -3,8 +3,7 @@
 glibc's malloc serves every block above its mmap threshold (32 MB at most) with a fresh ``mmap`` and hands
 it back with ``munmap`` on free. A one-pass AdaMerging step on CPU allocates gigabytes of such blocks
 (ViT-B/32, 8 × 16 images: MLP activations of 79 MB each), so each step page-faults them in again and the
-kernel zeroes them: 1.2 M faults and 6–13 s of system time in a 19–23 s step on 2 cores, measured in
-``results/bench_vit_b32/bench.md``. Serving large blocks from the heap and never trimming it lets every
+kernel zeroes them (``results/bench_vit_b32/bench.md`` measures what that costs). Serving large blocks from the heap and never trimming it lets every
 step reuse the previous step's pages. PyTorch's own advice for CPU runs is the same idea with
 jemalloc/tcmalloc preloaded; this needs neither.
 """
