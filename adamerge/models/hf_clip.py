@@ -342,10 +342,14 @@ class HFCheckpointPool(CheckpointPool):
 
     def _convert_all(self, sources: dict[str, str]) -> dict[str, Path]:
         """Every source converted, or one error listing all that are unavailable (not just the first)."""
+        return self._gather(sources, lambda name, source: self._convert(source))
+
+    def _gather(self, sources: dict[str, str], load) -> dict:
+        """``load(name, source)`` for every source, or one error listing all that are unavailable."""
         done, lacking = {}, []
         for name, source in sources.items():
             try:
-                done[name] = self._convert(source)
+                done[name] = load(name, source)
             except HFCheckpointUnavailable as err:
                 lacking.append((name, source, err))
         if lacking:
@@ -356,7 +360,7 @@ class HFCheckpointPool(CheckpointPool):
                 + ", ".join(f"{n} ({s})" for n, s, _ in lacking)
                 + (f". adamerge does not download at run time; on a machine with internet run: {fetch} "
                    f"(then copy the cache to {self.hub_cache_dir or 'HF_HOME/hub'})" if hub else "")
-                + ". Or give local folders: pool.finetuned_dir=DIR pool.pattern='{task}', or pool.finetuned.<task>=DIR.")
+                + ". Or give local folders: pool.finetuned_dir=DIR pool.pattern=%task, or pool.finetuned.<task>=DIR.")
         return done
 
     def load(self, task_names: list[str], backbone_visual: torch.nn.Module) -> tuple[StateDict, dict[str, StateDict]]:
@@ -387,20 +391,7 @@ class HFCheckpointPool(CheckpointPool):
         return hf_vision_state(raw, f"{name} ({source})")
 
     def _native_all(self, sources: dict[str, str]) -> dict[str, StateDict]:
-        done, lacking = {}, []
-        for name, source in sources.items():
-            try:
-                done[name] = self._native_state(source, name)
-            except HFCheckpointUnavailable as err:
-                lacking.append((name, source, err))
-        if lacking:
-            hub = [s for _, s, _ in lacking if _hub_id(s)]
-            fetch = "; ".join(_download_hint(s, self.hub_cache_dir) for s in hub)
-            raise HFCheckpointUnavailable(
-                f"{len(lacking)} Hugging Face model(s) unavailable: " + ", ".join(f"{n} ({s})" for n, s, _ in lacking)
-                + (f". adamerge does not download at run time; on a machine with internet run: {fetch}" if hub else "")
-                + ". Or give local folders: pool.finetuned_dir=DIR pool.pattern={task}, or pool.finetuned.<task>=DIR.")
-        return done
+        return self._gather(sources, lambda name, source: self._native_state(source, name))
 
     def _load_native(self, task_names: list[str], backbone_visual: torch.nn.Module):
         reference = {k: v.detach() for k, v in backbone_visual.state_dict().items()}
