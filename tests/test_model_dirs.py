@@ -111,7 +111,10 @@ def test_task_arithmetic_matches_formula_runs_and_documents_itself(zoo, tmp_path
     assert logits.shape == (1, 4, VOCAB) and torch.isfinite(logits).all()
 
     record = json.loads((out / MERGE_CONFIG).read_text())
-    assert record["method"] == "task_arithmetic" and record["parameters"] == {"lam": 0.3}
+    assert record["method"] == "task_arithmetic" and record["title"] == "Task Arithmetic (λ=0.3)"
+    assert record["method_config"] == {"_target_": "adamerge.methods.TaskArithmetic", "lam": 0.3, "lam_grid": None,
+                                       "label": "Task Arithmetic (λ=0.3)"}
+    assert "θ = θ₀ + λ Σₖ τₖ" in record["description"]  # the YAML header of conf/method/task_arithmetic.yaml
     assert record["base"]["path"] == str((root / "base").resolve())
     assert [m["path"] for m in record["models"]] == [str((root / n).resolve()) for n in ("sft1", "sft2")]
     assert record["models"][0]["index"] == "model.safetensors.index.json"
@@ -125,8 +128,12 @@ def test_task_arithmetic_matches_formula_runs_and_documents_itself(zoo, tmp_path
 @pytest.mark.parametrize("method, models, params, formula", [
     ("expo", ["sft1"], ["--alpha", 0.5],
      lambda s, k: s["sft1"][k] + 0.5 * (s["sft1"][k] - s["base"][k])),
-    ("extrapolation", ["sft1", "sft2"], ["--alpha", 0.5, "--beta", 0.3],
+    ("extrapolation_merging", ["sft1", "sft2"], ["--alpha", 0.5, "--beta", 0.3],
      lambda s, k: 0.3 * (1.5 * s["sft1"][k] - 0.5 * s["base"][k]) + 0.7 * (1.5 * s["sft2"][k] - 0.5 * s["base"][k])),
+    ("expo", ["sft1", "sft2"], ["--alpha", 0.5],  # two models: each extrapolated, then task arithmetic λ = 0.3
+     lambda s, k: s["base"][k] + 0.3 * 1.5 * (s["sft1"][k] + s["sft2"][k] - 2 * s["base"][k])),
+    ("extrapolation_merging", ["sft1", "sft2"], [],  # the config tree's start point: α = 0, β = 0.5
+     lambda s, k: 0.5 * s["sft1"][k] + 0.5 * s["sft2"][k]),
     ("weight_averaging", ["sft1", "sft2"], [],
      lambda s, k: (s["sft1"][k] + s["sft2"][k]) / 2),
     ("dare_task_arithmetic", ["sft1", "sft2"], ["--p", 0, "--lam", 0.7],  # p = 0 drops nothing: task arithmetic
@@ -141,29 +148,47 @@ def test_method_matches_its_formula(zoo, tmp_path, method, models, params, formu
 
 
 def test_ties_keep_one_without_sign_conflict_is_task_arithmetic(zoo, tmp_path):
-    """With every entry kept and both task vectors agreeing in sign, TIES' disjoint mean is (τ₁ + τ₂)/2."""
+    """With every entry kept and both task vectors agreeing in sign, the official dis-sum (ties) is τ₁ + τ₂ and
+    mergekit's disjoint mean (ties_mergekit) is (τ₁ + τ₂)/2."""
     root, states = zoo
     models = ["--models", root / "agree1", root / "agree2"]
-    assert run("--base", root / "base", *models, "--method", "ties", "--keep", 1, "--lam", 0.6,
+    assert run("--base", root / "base", *models, "--method", "ties", "--keep", 1, "--lam", 0.3,
                "--out", tmp_path / "ties") == 0
-    assert run("--base", root / "base", *models, "--method", "task_arithmetic", "--lam", 0.3,
-               "--out", tmp_path / "ta") == 0
-    ties, ta = loaded_state(tmp_path / "ties"), loaded_state(tmp_path / "ta")
+    assert run("--base", root / "base", *models, "--method", "ties_mergekit", "--keep", 1, "--lam", 0.6,
+               "--out", tmp_path / "ties_mergekit") == 0
     t1, t2 = tau(states, "agree1"), tau(states, "agree2")
-    assert_state(ties, {k: v + 0.3 * (t1[k] + t2[k]) for k, v in states["base"].items()})
-    assert_state(ties, ta)
+    expected = {k: v + 0.3 * (t1[k] + t2[k]) for k, v in states["base"].items()}
+    assert_state(loaded_state(tmp_path / "ties"), expected)
+    assert_state(loaded_state(tmp_path / "ties_mergekit"), expected)
 
 
-def test_ties_trims_each_tensor(zoo, tmp_path):
-    """keep = 0.2 of each tensor per model, by the official rule (int(0.2 n) + 1 entries with distinct magnitudes):
-    at most 2 (int(0.2 n) + 1) of a tensor's n entries move with two models."""
+def test_ties_on_directories_is_the_state_dict_ties_exactly(zoo, tmp_path):
+    """`ties` on model directories streams (a radix-select threshold per whole task vector, the majority sign in
+    a first pass, agreeing entries accumulated row by row): the very numbers of ties_merge on the state dicts."""
+    from adamerge.merging import ties_merge, task_vector
     root, states = zoo
     out = tmp_path / "ties"
-    assert run("--base", root / "base", "--models", root / "sft1", root / "sft2", "--method", "ties",
+    assert run("--base", root / "base", "--models", root / "sft1", root / "sft2", root / "agree1", "--method", "ties",
+               "--out", out) == 0
+    vectors = [task_vector(states[n], states["base"]) for n in ("sft1", "sft2", "agree1")]
+    expected = ties_merge(states["base"], vectors, keep=0.2, lam=0.3, merge="sum")
+    merged = loaded_state(out)
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
+    moved = sum(int((merged[k] != v).sum()) for k, v in states["base"].items()) / sum(map(torch.numel, merged.values()))
+    assert 0.2 < moved < 0.6  # three trims to 20 % (about half of a random union survives the sign election)
+
+
+def test_ties_mergekit_trims_each_tensor_to_exactly_k(zoo, tmp_path):
+    """ties_mergekit keeps exactly max(1, int(0.2 n)) entries of each tensor per model, so at most twice that
+    many of a tensor's n entries move with two models."""
+    root, states = zoo
+    out = tmp_path / "ties"
+    assert run("--base", root / "base", "--models", root / "sft1", root / "sft2", "--method", "ties_mergekit",
                "--keep", 0.2, "--out", out) == 0
     for key, value in loaded_state(out).items():
-        moved = (value != states["base"][key]).float().mean().item()
-        assert 0.15 < moved <= 2 * (int(0.2 * value.numel()) + 1) / value.numel(), (key, moved)
+        k = max(1, int(0.2 * value.numel()))
+        moved = int((value != states["base"][key]).sum())
+        assert k <= moved <= 2 * k, (key, moved, k)
 
 
 def test_dare_drops_with_per_tensor_seeded_masks(zoo, tmp_path):
@@ -320,15 +345,20 @@ def test_argument_errors_are_explicit(zoo, tmp_path, capsys):
         run(*base, "--models", root / "sft1", "--method", "magic", *out)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "invalid choice: 'magic'" in err and "'extrapolation'" in err and "'dare_ties'" in err
+    assert "invalid choice: 'magic'" in err and "'extrapolation_merging'" in err and "'dare_ties'" in err
     cases = [
-        (["--models", root / "sft1", root / "sft2", "--method", "expo", "--alpha", 1],
-         "takes exactly 1 --models directory"),
+        (["--models", root / "sft1", "--method", "extrapolation_merging"], "takes exactly 2 fine-tuned model(s)"),
         (["--models", root / "sft1", "--method", "expo", "--alpha", 1, "--lam", 2],
          "--lam does not apply to --method expo"),
-        (["--models", root / "sft1", root / "sft2", "--method", "extrapolation", "--alpha", 1], "needs --beta"),
-        (["--models", root / "sft1", "--method", "ties", "--keep", 0], "--keep must be in (0, 1]"),
-        (["--models", root / "sft1", "--method", "dare_ties", "--p", 1], "--p must be in [0, 1)"),
+        (["--models", root / "sft1", root / "sft2", "--method", "extrapolation_merging", "--set", "objective=val"],
+         "objective='val' chooses by evaluating candidates"),
+        (["--models", root / "sft1", "--method", "ties", "--set", "lam_grid=[0.1,0.2]"],
+         "lam_grid=[0.1, 0.2] chooses by evaluating candidates"),
+        (["--models", root / "sft1", "--method", "ties", "--set", "lam"], "expected KEY=VALUE"),
+        (["--models", root / "sft1", "--method", "ties", "--keep", 0], "keep fraction must be in (0, 1]"),
+        (["--models", root / "sft1", "--method", "dare_ties", "--p", 1], "drop rate method.p must be in [0, 1)"),
+        (["--models", root / "sft1", "--method", "ties_mergekit", "--set", "trim_scope=vector"],
+         "use it with trim_scope=tensor"),
         (["--models", root / "missing", "--method", "weight_averaging"], "model directory not found"),
     ]
     for args, message in cases:
@@ -345,8 +375,11 @@ def test_help_explains_every_method(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for name in ("weight_averaging", "task_arithmetic", "ties", "expo", "extrapolation", "dare_task_arithmetic",
-                 "dare_ties"):
-        assert f"\n  {name} " in text, name
-    for formula in ("θ = θ_ft + α (θ_ft − θ₀)", "θ = β ExPO(θ₁, α) + (1 − β) ExPO(θ₂, α)", "θ = θ₀ + λ Σₖ (θₖ − θ₀)"):
-        assert formula in text, formula
+    from adamerge.runtime.config import CONF_DIR
+    for name in ("weight_averaging", "task_arithmetic", "ties", "ties_mergekit", "expo", "extrapolation_merging",
+                 "dare_task_arithmetic", "dare_ties", "dare_ties_mergekit", "dare_linear_mergekit"):
+        assert f"\n  {name}\n" in text, name
+        first_line = (CONF_DIR / "method" / f"{name}.yaml").read_text(encoding="utf-8").splitlines()[0][2:]
+        assert first_line in text, name  # the YAML header is the help: one source of formulas
+    for absent in ("adamerging_layerwise", "fisher", "regmean", "task_arithmetic_tuned", "expo_searched"):
+        assert f"\n  {absent}\n" not in text, absent  # they need data or an evaluation

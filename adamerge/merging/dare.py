@@ -4,11 +4,17 @@ Each entry of each task vector is dropped (set to 0) with probability p and the 
 rescaled by 1/(1−p), so E[DARE(τ)] = τ entry by entry: the sparsified vectors are an unbiased
 estimate of the originals, which is why a merge of them (task arithmetic or TIES) stays close to
 the merge of the dense vectors even at p = 0.9. Pure functions; randomness only through an explicit
-seed (one ``torch.Generator`` walked over tasks in order, then tensors in state-dict order).
+seed (one ``torch.Generator`` walked over tasks in order, then tensors in state-dict order; or, for
+model directories, one seed per tensor and task, :func:`tensor_seed`, so that masks do not depend on the
+order tensors are read or on sharding).
+
+``rescale``: ``True`` scales survivors by 1/(1−p) (the paper); ``"l1"`` rescales each tensor to its own L1 norm
+(mergekit's ``rescale: true``); ``False`` drops only (the paper's ablation).
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Mapping, Sequence
 
 import torch
@@ -16,8 +22,46 @@ import torch
 from adamerge.merging.task_arithmetic import sum_vectors
 from adamerge.merging.task_vectors import add_scaled
 from adamerge.merging.ties import MERGE_FUNCTIONS, ties_vector
+from adamerge.merging.views import LazyState
 
 BASE_METHODS = ("task_arithmetic", "ties")
+RESCALES = (True, False, "l1")
+L1_EPS = 1e-7  # mergekit's guard: a tensor (or its survivors) with L1 norm below this is not rescaled
+
+
+def check_rescale(rescale) -> bool | str:
+    if rescale not in RESCALES or (rescale in (0, 1) and not isinstance(rescale, bool)):
+        raise ValueError(f"unknown DARE rescale {rescale!r}; valid: true (1/(1−p), the paper), l1 (each tensor back "
+                         "to its L1 norm, mergekit), false (drop only)")
+    return rescale
+
+
+def tensor_seed(seed: int, key: str, task: int = 0) -> int:
+    """A 63-bit seed for one tensor of one task vector: a hash of the run seed, the tensor name and the task."""
+    digest = hashlib.sha256(f"{int(seed)}\0{key}\0{int(task)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def rescaled(value: torch.Tensor, keep: torch.Tensor, p: float, rescale) -> torch.Tensor:
+    """The survivors ``value * keep``, scaled as ``rescale`` says."""
+    dropped = value * keep
+    if rescale is True:
+        return dropped / (1.0 - p)
+    if rescale == "l1":
+        before, after = value.abs().sum(), dropped.abs().sum()
+        if before < L1_EPS or after < L1_EPS:
+            return dropped
+        return dropped * (before / after)
+    return dropped
+
+
+def dare_tensor(value: torch.Tensor, p: float, seed: int, rescale=True) -> torch.Tensor:
+    """DARE of one tensor with its own generator seeded by ``seed`` (see :func:`tensor_seed`)."""
+    p, rescale = _check_p(p), check_rescale(rescale)
+    if p == 0.0:
+        return value.clone()
+    keep = torch.rand(value.shape, generator=_generator(seed, value.device), device=value.device) >= p
+    return rescaled(value, keep, p, rescale)
 
 
 def _check_p(p: float) -> float:
@@ -37,16 +81,16 @@ def dare_drop(vector: Mapping[str, torch.Tensor], p: float, generator: torch.Gen
               rescale: bool = True) -> dict[str, torch.Tensor]:
     """One task vector with each entry kept with probability 1−p (independently) and scaled by 1/(1−p).
 
-    ``rescale=False`` gives the paper's ablation (drop only), which shrinks the vector by (1−p) on average.
+    ``rescale=False`` gives the paper's ablation (drop only), which shrinks the vector by (1−p) on average;
+    ``"l1"`` rescales each tensor to its L1 norm (mergekit).
     """
-    p = _check_p(p)
+    p, rescale = _check_p(p), check_rescale(rescale)
     if p == 0.0:
         return {k: v.clone() for k, v in vector.items()}
     out = {}
     for key, value in vector.items():
         keep = torch.rand(value.shape, generator=generator, device=value.device) >= p
-        dropped = value * keep
-        out[key] = dropped / (1.0 - p) if rescale else dropped
+        out[key] = rescaled(value, keep, p, rescale)
     return out
 
 
@@ -81,3 +125,11 @@ def dare_merge(pretrained: Mapping[str, torch.Tensor], vectors: Sequence[Mapping
     With p = 0 the result equals :func:`task_arithmetic` / :func:`ties_merge` exactly.
     """
     return add_scaled(pretrained, dare_vector(vectors, p, seed, base, keep, merge, rescale), lam)
+
+
+def dare_views(vectors: Sequence[Mapping[str, torch.Tensor]], p: float, seed: int, rescale=True) -> list:
+    """The DARE-sparsified vectors, computed on access: τₖ[key]'s mask is seeded by ``tensor_seed(seed, key, k)``,
+    so every read of a tensor gives the same mask, whatever the order or the sharding."""
+    def view(k: int, vector: Mapping[str, torch.Tensor]) -> LazyState:
+        return LazyState(list(vector), lambda key: dare_tensor(vector[key], p, tensor_seed(seed, key, k), rescale))
+    return [view(k, v) for k, v in enumerate(vectors)]

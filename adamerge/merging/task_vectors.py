@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -77,12 +77,21 @@ class TaskVectorView(Mapping[str, torch.Tensor]):
     """τ = θ_ft − θ₀ computed tensor by tensor on access, after the same checks as :func:`task_vector`:
     code that walks tensors one at a time (stacking, TIES) then never holds K whole vectors."""
 
-    def __init__(self, finetuned: StateDict, pretrained: StateDict, source: str = "fine-tuned checkpoint"):
-        check_compatible(pretrained, finetuned, source)
-        self.finetuned, self.pretrained, self.keys_ = finetuned, pretrained, mergeable_keys(pretrained)
+    def __init__(self, finetuned: StateDict, pretrained: StateDict, source: str = "fine-tuned checkpoint",
+                 keys: Sequence[str] | None = None):
+        """``keys``: the floating-point keys, given by a caller that has checked the layouts already (lazy
+        model directories, whose tensors would otherwise all be read to be checked)."""
+        if keys is None:
+            check_compatible(pretrained, finetuned, source)
+        self.finetuned, self.pretrained = finetuned, pretrained
+        self.keys_ = mergeable_keys(pretrained) if keys is None else list(keys)
+        self._known = None if keys is None else frozenset(self.keys_)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self.pretrained or not self.pretrained[key].is_floating_point():
+        if self._known is not None:
+            if key not in self._known:
+                raise KeyError(key)
+        elif key not in self.pretrained or not self.pretrained[key].is_floating_point():
             raise KeyError(key)
         return self.finetuned[key].to(self.pretrained[key].dtype) - self.pretrained[key]
 

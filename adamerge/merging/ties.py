@@ -20,7 +20,7 @@ merged.
 
 from __future__ import annotations
 
-from typing import Collection, Iterator, Mapping, Sequence
+from typing import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -28,6 +28,8 @@ from adamerge.merging.task_vectors import add_scaled
 
 MERGE_FUNCTIONS = ("mean", "sum")
 ZERO_SIGNS = ("majority", "positive")
+TRIM_SCOPES = ("vector", "tensor")
+TRIM_RULES = ("official", "exact_k")
 
 
 def flatten(vectors: Sequence[Mapping[str, torch.Tensor]]) -> tuple[torch.Tensor, list[str], list[torch.Size]]:
@@ -95,56 +97,190 @@ def _domains(vectors, uncounted) -> list[list[str]]:
     return [[k for k in v if k not in skip] for v, skip in zip(vectors, uncounted)]
 
 
+def check_trim(scope: str, rule: str) -> None:
+    if scope not in TRIM_SCOPES:
+        raise ValueError(f"unknown TIES trim_scope {scope!r}; valid: {', '.join(TRIM_SCOPES)} "
+                         "(vector: the official code and FusionBench; tensor: mergekit)")
+    if rule not in TRIM_RULES:
+        raise ValueError(f"unknown TIES trim_rule {rule!r}; valid: {', '.join(TRIM_RULES)} (official: |τ| ≥ the "
+                         "threshold, ties kept; exact_k: exactly max(1, int(n·keep)) entries, mergekit)")
+    if rule == "exact_k" and scope != "tensor":
+        raise ValueError("TIES trim_rule=exact_k is mergekit's per-tensor rule (argsort order among tied magnitudes); "
+                         "use it with trim_scope=tensor")
+
+
+_DIGIT = 16  # bits per radix pass
+
+
+def kth_smallest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], rank: int) -> torch.Tensor:
+    """The ``rank``-th smallest ``|x|`` (1-based) over every entry the iterables from ``chunks()`` yield, exactly
+    ``torch.cat(...).abs().kthvalue(rank)``, in the memory of one chunk: a radix select over the IEEE bit
+    pattern (non-negative floats order as their bits), one pass over the data per 16 bits of the dtype.
+    This is how a global TIES trim of a multi-billion-entry task vector fits in host memory."""
+    dtype = None
+    prefix, found_bits = 0, 0
+    int_of = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+              torch.bfloat16: torch.int16}
+    while True:
+        counts = None
+        for chunk in chunks():
+            if dtype is None:
+                dtype = chunk.dtype
+                if dtype not in int_of:
+                    raise TypeError(f"kth_smallest_magnitude needs float tensors, got {dtype}")
+                width = torch.finfo(dtype).bits
+            elif chunk.dtype != dtype:
+                raise TypeError(f"mixed dtypes in one trim: {dtype} and {chunk.dtype}")
+            shift = width - found_bits - _DIGIT
+            for piece in chunk.reshape(-1).split(1 << 24):  # int64 bits of 16 M entries at a time
+                bits = piece.abs().view(int_of[dtype]).to(torch.int64)
+                if found_bits:
+                    bits = bits[(bits >> (width - found_bits)) == prefix]
+                part = torch.bincount((bits >> shift) & ((1 << _DIGIT) - 1), minlength=1 << _DIGIT)
+                counts = part if counts is None else counts + part
+                del bits
+        if counts is None:
+            raise ValueError("kth_smallest_magnitude over no entries")
+        total = int(counts.sum())
+        if not 1 <= rank <= total:
+            raise ValueError(f"rank {rank} outside 1..{total}")
+        cumulative = counts.cumsum(0)
+        digit = int(torch.searchsorted(cumulative, torch.tensor(rank, dtype=cumulative.dtype)))
+        rank -= int(cumulative[digit - 1]) if digit else 0
+        prefix, found_bits = (prefix << _DIGIT) | digit, found_bits + _DIGIT
+        if found_bits == width:
+            return torch.tensor(prefix, dtype=torch.int64).to(int_of[dtype]).view(dtype)
+
+
+def _threshold(magnitudes: Callable[[], Iterable[torch.Tensor]], n: int, keep: float, extra_zeros: int,
+               low_memory: bool) -> torch.Tensor | None:
+    rank = threshold_rank(n + int(extra_zeros), keep) - int(extra_zeros)
+    if rank <= 0:  # the threshold falls among the zero entries: |τ| ≥ 0 keeps everything
+        return None
+    if low_memory:
+        return kth_smallest_magnitude(magnitudes, rank)
+    flat = torch.cat([m.reshape(-1).abs() for m in magnitudes()])
+    return flat.kthvalue(rank).values
+
+
 def trim_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keep: float, extra_zeros: int = 0,
-                    uncounted: Sequence[Collection[str]] | None = None) -> list[torch.Tensor | None]:
+                    uncounted: Sequence[Collection[str]] | None = None, low_memory: bool = False
+                    ) -> list[torch.Tensor | None]:
     """Each vector's threshold: entries with ``|τ| ≥`` it survive (None: all do); see the module docstring.
 
     One vector is flattened at a time, so the [K, P] matrix never exists: for ViT-L/14 × 8 that matrix and
-    its trimmed copies were tens of GB of host memory."""
+    its trimmed copies were tens of GB of host memory. ``low_memory`` never flattens even one vector (a
+    radix select, :func:`kth_smallest_magnitude`; the same threshold), for vectors of billions of entries."""
     thresholds: list[torch.Tensor | None] = []
     for vector, keys in zip(vectors, _domains(vectors, uncounted)):
         n = sum(vector[k].numel() for k in keys)
-        rank = threshold_rank(n + int(extra_zeros), keep) - int(extra_zeros)
-        if rank <= 0:  # the threshold falls among the zero entries: |τ| ≥ 0 keeps everything
-            thresholds.append(None)
-            continue
-        magnitudes = torch.cat([vector[k].reshape(-1).abs() for k in keys])
-        thresholds.append(magnitudes.kthvalue(rank).values)
-        del magnitudes
+        thresholds.append(_threshold(lambda: (vector[k] for k in keys), n, keep, extra_zeros, low_memory))
     return thresholds
 
 
+def exact_k_mask(value: torch.Tensor, keep: float) -> torch.Tensor:
+    """mergekit's magnitude trim of one tensor: exactly max(1, int(n·keep)) entries, the first of
+    ``argsort(|τ| as float32, descending)`` (its order decides among tied magnitudes)."""
+    if check_keep(keep) >= 1.0:
+        return torch.ones_like(value, dtype=torch.bool)
+    k = max(1, int(keep * value.numel()))
+    order = torch.argsort(value.abs().reshape(-1).float(), descending=True)[:k]
+    mask = torch.zeros(value.numel(), dtype=torch.bool, device=value.device)
+    mask[order] = True
+    return mask.view(value.shape)
+
+
+def trimmer(vectors: Sequence[Mapping[str, torch.Tensor]], keep: float, *, scope: str = "vector",
+            rule: str = "official", extra_zeros: int = 0, uncounted: Sequence[Collection[str]] | None = None,
+            low_memory: bool = False) -> Callable[[int, str], torch.Tensor]:
+    """``trimmed(k, key)``: τₖ[key] with the entries the trim drops set to 0. ``scope='vector'`` trims each τₖ
+    as one flattened vector (n: every counted entry, plus ``extra_zeros``); ``'tensor'`` trims every tensor on
+    its own (mergekit). Tensors in ``uncounted[k]`` are neither counted nor kept."""
+    check_trim(scope, rule)
+    domains = [set(d) for d in _domains(vectors, uncounted)]
+    thresholds = trim_thresholds(vectors, keep, extra_zeros, uncounted, low_memory) if scope == "vector" else None
+
+    def trimmed(k: int, key: str) -> torch.Tensor:
+        value = vectors[k][key]
+        if key not in domains[k]:
+            return torch.zeros_like(value)
+        if rule == "exact_k":
+            return value * exact_k_mask(value, keep)
+        thr = thresholds[k] if thresholds is not None else _threshold(lambda: [value], value.numel(), keep, 0, False)
+        return value if thr is None else value * (value.abs() >= thr)
+
+    return trimmed
+
+
+def _majority(trimmed: Callable[[int, str], torch.Tensor], keys: Sequence[str], count: int) -> float:
+    """sign(Σ over entries of the elected signs): the official code's sign for entries whose Σₖ τₖ is 0."""
+    votes = 0
+    for key in keys:
+        total = trimmed(0, key).clone()
+        for k in range(1, count):
+            total += trimmed(k, key)
+        votes += int(torch.sign(total).sum(dtype=torch.int64))
+    return float((votes > 0) - (votes < 0))
+
+
 def ties_by_key(vectors: Sequence[Mapping[str, torch.Tensor]], keep: float = 0.2, *, zero_sign: str = "majority",
-                extra_zeros: int = 0, uncounted: Sequence[Collection[str]] | None = None
+                extra_zeros: int = 0, uncounted: Sequence[Collection[str]] | None = None,
+                trim_scope: str = "vector", trim_rule: str = "official"
                 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """``(key, trimmed [K, …], agreeing mask [K, …])`` tensor by tensor; the same numbers as trimming,
     electing and masking the flattened [K, P] matrix, in the memory of one tensor of K vectors. ``vectors``
     may compute their entries on access (e.g. θₖ − θ₀ per tensor): each is read twice."""
     check_zero_sign(zero_sign)
     keys = list(vectors[0])
-    thresholds = trim_thresholds(vectors, keep, extra_zeros, uncounted)
-    domains = [set(d) for d in _domains(vectors, uncounted)]
+    trim = trimmer(vectors, keep, scope=trim_scope, rule=trim_rule, extra_zeros=extra_zeros, uncounted=uncounted)
+    stack = lambda key: torch.stack([trim(k, key) for k in range(len(vectors))])  # noqa: E731
 
-    def trimmed(key: str) -> torch.Tensor:
-        rows = []
-        for v, thr, domain in zip(vectors, thresholds, domains):
-            value = v[key]
-            if key not in domain:
-                value = torch.zeros_like(value)
-            elif thr is not None:
-                value = value * (value.abs() >= thr)
-            rows.append(value)
-        return torch.stack(rows)
-
-    majority = 1.0
-    if zero_sign == "majority":  # the tie-break needs the majority over *all* entries first
-        votes = sum(int(torch.sign(trimmed(k).sum(0)).sum(dtype=torch.int64)) for k in keys)
-        majority = float((votes > 0) - (votes < 0))
+    if trim_scope == "vector" and zero_sign == "majority":  # the tie-break needs the majority over *all* entries first
+        majority = _majority(trim, keys, len(vectors))
     for key in keys:
-        t = trimmed(key)
+        t = stack(key)
+        if trim_scope == "tensor" and zero_sign == "majority":
+            majority = _majority(trim, [key], len(vectors))
+        elif zero_sign == "positive":
+            majority = 1.0
         sign = torch.sign(t.sum(0))
         sign = torch.where(sign == 0, torch.tensor(majority, dtype=t.dtype), sign)
         yield key, t, agreeing(t, sign)
+
+
+def ties_directions(vectors: Sequence[Mapping[str, torch.Tensor]], keep: float = 0.2, merge: str = "mean", *,
+                    zero_sign: str = "majority", trim_scope: str = "vector", trim_rule: str = "official",
+                    keys: Sequence[str] | None = None) -> Callable[[str], torch.Tensor]:
+    """``direction(key)``: one tensor of :func:`ties_vector` without a [K, …] stack — the trimmed rows are
+    summed, the sign elected, and the agreeing entries accumulated row by row (each τₖ[key] read twice). The
+    global thresholds (radix select) and the majority sign are computed up front, one tensor in memory at a
+    time: the form a model-directory merge of billions of entries streams through."""
+    check_zero_sign(zero_sign)
+    if merge not in MERGE_FUNCTIONS:
+        raise ValueError(f"unknown TIES merge function {merge!r}; valid: {', '.join(MERGE_FUNCTIONS)}")
+    keys = list(vectors[0]) if keys is None else list(keys)
+    trim = trimmer(vectors, keep, scope=trim_scope, rule=trim_rule, low_memory=True)
+    count = len(vectors)
+    global_majority = (_majority(trim, keys, count) if trim_scope == "vector" and zero_sign == "majority" else 1.0)
+
+    def direction(key: str) -> torch.Tensor:
+        total = trim(0, key).clone()
+        for k in range(1, count):
+            total += trim(k, key)
+        majority = (_majority(trim, [key], count) if trim_scope == "tensor" and zero_sign == "majority"
+                    else global_majority)
+        sign = torch.sign(total)
+        sign = torch.where(sign == 0, torch.tensor(majority, dtype=total.dtype), sign)
+        merged, agree = torch.zeros_like(total), torch.zeros_like(total)
+        for k in range(count):
+            row = trim(k, key)
+            mask = agreeing(row, sign)
+            merged += row * mask
+            agree += mask
+        del total, sign
+        return merged / agree.clamp(min=1) if merge == "mean" else merged
+
+    return direction
 
 
 def ties_task_vectors(vectors: Sequence[Mapping[str, torch.Tensor]], keep: float = 0.2,

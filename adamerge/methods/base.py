@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -76,15 +76,52 @@ class MergeResult:
     figures: dict[str, str] = field(default_factory=dict)
 
 
+TensorMerge = Callable[[str], torch.Tensor]
+
+
+class NeedsEvaluation(ValueError):
+    """A method (or an option of it) that needs data or an evaluation, asked to merge weights alone."""
+
+
 class Method:
     """A merge method. ``label`` is the table row (a join key of the presets' reference numbers); every
     ``conf/method/*.yaml`` states it, so the row names live in the config tree. Built without one (library use),
-    a method is labelled by its class name."""
+    a method is labelled by its class name.
+
+    ``run`` merges in a :class:`MergeContext` (CLIP: tasks, heads, data). ``weights_merger`` merges weights
+    alone — model directories of any architecture, tensor by tensor — for the methods that need no data."""
 
     label = "Method"
+    models_taken: tuple[int, int | None] = (1, None)  # (min, max) models weights_merger takes
 
     def run(self, ctx: MergeContext) -> MergeResult:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def weights_merger(self, base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]],
+                       seed: int = 0) -> TensorMerge:
+        """``merged(key)`` for every floating-point key of ``base``; ``base`` and ``models`` read each tensor on
+        access (in the compute dtype), so a merge streams through models far larger than memory."""
+        raise NeedsEvaluation(f"{type(self).__name__} ({self.label}) needs data (images, labels or an evaluation), "
+                              "not weights alone; run it in an experiment: adamerge method=…")
+
+    def check_models(self, count: int) -> None:
+        low, high = self.models_taken
+        if count < low or (high is not None and count > high):
+            wanted = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+            raise ValueError(f"{self.label} takes {wanted} fine-tuned model(s), got {count}")
+
+
+def one(key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A one-tensor state dict: the state-dict functions of adamerge.merging, applied tensor by tensor."""
+    return {key: value}
+
+
+def no_evaluation(**options) -> None:
+    """Refuse options that choose by evaluation (a λ grid, a search objective) when weights are merged alone."""
+    set_ = [f"{name}={value!r}" for name, value in options.items() if value not in (None, [], ())]
+    if set_:
+        raise NeedsEvaluation(f"{', '.join(set_)} chooses by evaluating candidates, which merging weights alone cannot "
+                              "do; give fixed values (lam_grid=null, objective=null) or run the search in an experiment")
 
 
 class LabelMismatch(ValueError):

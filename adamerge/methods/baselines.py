@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from adamerge.merging import weight_average
-from adamerge.methods.base import MergeContext, MergeResult, Method
+from adamerge.methods.base import MergeContext, MergeResult, Method, TensorMerge, one
 
 
 class Pretrained(Method):
@@ -34,3 +34,7 @@ class WeightAveraging(Method):
 
     def run(self, ctx: MergeContext) -> MergeResult:
         return MergeResult(params=weight_average([ctx.finetuned[n] for n in ctx.task_names]))
+
+    def weights_merger(self, base, models, seed: int = 0) -> TensorMerge:
+        self.check_models(len(models))
+        return lambda key: weight_average([one(key, m[key]) for m in models])[key]

@@ -12,6 +12,7 @@ The math lives in :mod:`adamerge.merging.extrapolation`, the search in :mod:`ada
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Callable, Mapping
 
@@ -21,7 +22,9 @@ from torch.func import functional_call
 from adamerge.evaluation.accuracy import batches, accuracy
 from adamerge.merging import entropy_loss
 from adamerge.merging.extrapolation import expo, extrapolation_merge
-from adamerge.methods.base import MergeContext, MergeResult, Method, require_label, StateDict
+from adamerge.merging.views import LazyState
+from adamerge.methods.base import (MergeContext, MergeResult, Method, StateDict, TensorMerge, no_evaluation, one,
+                                   require_label)
 from adamerge.models.heads import logits
 from adamerge.search import local_search
 
@@ -89,6 +92,16 @@ class _ExtrapolateThenMerge(Method):
     def prepare(self, ctx: MergeContext) -> None:
         """Load whatever the per-task models need (e.g. further checkpoints) before any search."""
 
+    def fixed_at(self, point: Mapping[str, float]) -> "_ExtrapolateThenMerge":
+        """A copy fixed at ``point`` (no search): what a search found, to evaluate or to write out."""
+        fixed = copy.copy(self)
+        fixed.objective = None
+        fixed._set_point(dict(point))
+        return fixed
+
+    def _set_point(self, point: dict[str, float]) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
     def run(self, ctx: MergeContext) -> MergeResult:
         self.prepare(ctx)
         models, chosen, searches = {}, {}, {}
@@ -137,11 +150,24 @@ class ExPO(_ExtrapolateThenMerge):
     def fixed_point(self) -> dict[str, float]:
         return {"alpha": self.alpha}
 
+    def _set_point(self, point):
+        self.alpha = float(point["alpha"])
+
     def search_space(self):
         return {"alpha": self.alpha}, {"alpha": self.step}, {"alpha": self.bounds}
 
     def model(self, ctx: MergeContext, name: str, point: Mapping[str, float]) -> StateDict:
         return expo(ctx.finetuned[name], ctx.pretrained, point["alpha"])
+
+    def weights_merger(self, base, models, seed: int = 0) -> TensorMerge:
+        """One model: θ + α (θ − θ₀) itself. Several: each extrapolated, then ``merge`` across them."""
+        no_evaluation(objective=self.objective)
+        self.check_models(len(models))
+        extrapolated = [LazyState(list(base), lambda key, m=m: expo(one(key, m[key]), one(key, base[key]),
+                                                                    self.alpha)[key]) for m in models]
+        if len(models) == 1:
+            return extrapolated[0].__getitem__
+        return self.merge.weights_merger(base, extrapolated, seed)
 
 
 class ExtrapolationMerging(_ExtrapolateThenMerge):
@@ -150,6 +176,9 @@ class ExtrapolationMerging(_ExtrapolateThenMerge):
     (α, β) per task by a local search from ``start`` (``objective``: val | entropy), or fixed at
     ``start`` (``objective=None``).
     """
+
+    models_taken = (2, 2)  # merging weights alone: the two checkpoints of one fine-tuning run
+    option_paths = {"alpha": "start.alpha", "beta": "start.beta"}  # adamerge-merge-models --alpha/--beta
 
     @staticmethod
     def misleading(label, objective):
@@ -170,6 +199,9 @@ class ExtrapolationMerging(_ExtrapolateThenMerge):
     def fixed_point(self) -> dict[str, float]:
         return dict(self.start)
 
+    def _set_point(self, point):
+        self.start = {"alpha": float(point["alpha"]), "beta": float(point["beta"])}
+
     def search_space(self):
         return self.start, self.step, self.bounds
 
@@ -188,3 +220,12 @@ class ExtrapolationMerging(_ExtrapolateThenMerge):
     def model(self, ctx: MergeContext, name: str, point: Mapping[str, float]) -> StateDict:
         first, second = self._candidates[name]
         return extrapolation_merge(first, second, ctx.pretrained, point["alpha"], point["beta"])
+
+    def weights_merger(self, base, models, seed: int = 0) -> TensorMerge:
+        """Two checkpoints of one fine-tuning run, at the fixed point ``start``: β ExPO(θ¹, α) + (1 − β) ExPO(θ², α)."""
+        no_evaluation(objective=self.objective)
+        self.check_models(len(models))
+        first, second = models
+        alpha, beta = self.start["alpha"], self.start["beta"]
+        return lambda key: extrapolation_merge(one(key, first[key]), one(key, second[key]), one(key, base[key]),
+                                               alpha, beta)[key]

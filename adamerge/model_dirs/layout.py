@@ -3,7 +3,9 @@
 A directory holds either one ``model.safetensors`` or shards ``model-0000i-of-0000n.safetensors`` listed by
 ``model.safetensors.index.json`` (the layout ``save_pretrained`` writes). Tensors are read one at a time
 through :class:`safetensors.safe_open`, so a merge never needs a whole model in memory. Pickled weights
-(``pytorch_model.bin``) are refused: unpickling runs arbitrary code.
+(``pytorch_model.bin``) are refused: unpickling runs arbitrary code. Each read maps its file only for the
+life of the tensor it returns: a file left mapped for the whole merge keeps every page read so far in the
+process's resident set, which under RSS-based limits (cgroups, SLURM ``--mem``) counts as allocated memory.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +75,6 @@ class ModelDir:
         self.metadata: dict[str, dict[str, str]] = {}
         for name in self.files:
             self._read_header(name)
-        self._stack: ExitStack | None = None
-        self._handles: dict[str, object] = {}
 
     @property
     def sharded(self) -> bool:
@@ -144,23 +143,11 @@ class ModelDir:
             record["config_sha256"] = file_sha256(self.path / "config.json")
         return record
 
-    def __enter__(self) -> "ModelDir":
-        self._stack = ExitStack()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._stack is not None:
-            self._stack.close()
-        self._stack, self._handles = None, {}
-
     def tensor(self, key: str) -> torch.Tensor:
-        """One tensor, read from its file (the file stays open, memory-mapped, until the ``with`` block ends)."""
-        if self._stack is None:
-            raise RuntimeError("read tensors inside `with ModelDir(path) as model:`")
-        name = self.weight_map[key]
-        if name not in self._handles:
-            self._handles[name] = self._stack.enter_context(safe_open(str(self.path / name), framework="pt"))
-        return self._handles[name].get_tensor(key)
+        """One tensor; the file is mapped only as long as the tensor lives (safetensors hands out the mapped bytes,
+        and a converted copy releases them at once), never for the whole merge."""
+        with safe_open(str(self.path / self.weight_map[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
 
 
 def _module(key: str) -> str:

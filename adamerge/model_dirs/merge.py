@@ -6,7 +6,7 @@ non-float tensors unchanged, the non-weight files (config, generation config, to
 the base or of ``copy_from``, and a ``merge_config.json`` saying how it was made. Everything is written
 into a hidden temporary folder beside the output and renamed into place at the end, so an error or an
 interrupt never leaves a half-written model behind. Peak memory: one output shard plus K + 1 copies
-of one tensor.
+of one tensor (and TIES's accumulators of that tensor); no input file stays mapped.
 """
 
 from __future__ import annotations
@@ -15,18 +15,22 @@ import json
 import os
 import shutil
 import sys
-from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 import adamerge
 from adamerge.io import atomic_dir
+from adamerge.merging.task_vectors import NonFiniteTensorError
 from adamerge.model_dirs.layout import INDEX_FILE, SINGLE_FILE, ModelDir, ModelDirError, check_same_tensors
-from adamerge.model_dirs.methods import get_method
+from adamerge.model_dirs.registry import compose_method, weight_methods
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 MERGE_CONFIG = "merge_config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx", ".gguf")
@@ -54,34 +58,66 @@ def _check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
         raise ModelDirError(f"output {out} already exists; choose another --out or pass --force to replace it")
 
 
-def merge_tensor(key: str, base: torch.Tensor, models: Sequence[torch.Tensor], method, params: dict) -> torch.Tensor:
-    """One merged tensor in the base's dtype; non-float tensors are the base's."""
-    if not base.is_floating_point():
-        return base
-    compute = torch.promote_types(base.dtype, torch.float32)
-    inputs = [base.to(compute)] + [m.to(compute) for m in models]
-    merged = method.merge(key, inputs[0], inputs[1:], params)
-    written = merged.to(base.dtype)
-    if not torch.isfinite(written).all() and all(torch.isfinite(t).all() for t in inputs):
+class DirWeights(Mapping[str, torch.Tensor]):
+    """A model directory's floating-point tensors in their compute dtype (float32, or float64 for float64
+    tensors), read from disk on access; the last one read is kept, because a merge reads the same key of
+    every model several times in a row (TIES: trim, elect, agree) and then never again."""
+
+    def __init__(self, model_dir: ModelDir, keys: Sequence[str], compute: Mapping[str, torch.dtype]):
+        self.model_dir, self._keys, self._compute = model_dir, list(keys), compute
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        if key not in self._compute:
+            raise KeyError(key)
+        value = self.model_dir.tensor(key).to(self._compute[key])
+        if not bool(torch.isfinite(value).all()):
+            count = int((~torch.isfinite(value)).sum())
+            raise NonFiniteTensorError(f"model directory {self.model_dir.path} holds non-finite values (NaN/Inf) in "
+                                       f"{key} ({count} of {value.numel()} entries); a merge with it would be NaN "
+                                       "there — re-export or re-download that model")
+        self._last = (key, value)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _check_written(key: str, merged: torch.Tensor, written: torch.Tensor, method_cfg) -> None:
+    if not bool(torch.isfinite(written).all()):
         largest = merged.abs().max().item()
+        options = {k: v for k, v in method_cfg.items() if k in ("lam", "alpha", "start", "p")}
         raise ModelDirError(
-            f"merged tensor {key} has inf/NaN entries in {base.dtype} although every input is finite (largest "
-            f"|value| before the cast: {largest:.3g}); the coefficients {params} are too large for this dtype — "
+            f"merged tensor {key} has inf/NaN entries in {written.dtype} although every input is finite (largest "
+            f"|value| before the cast: {largest:.3g}); the coefficients {options} are too large for this dtype — "
             "lower them")
-    return written
 
 
 def merge_model_dirs(base: str | Path, models: Sequence[str | Path], method: str, params: dict | None, out: str | Path,
                      *, force: bool = False, copy_from: str | Path | None = None, command: Sequence[str] | None = None,
-                     log: Callable[[str], None] = _stderr) -> Path:
-    """Merge ``models`` (fine-tuned from ``base``) with ``method`` into the new directory ``out``; return ``out``.
+                     overrides: Sequence[str] = (), log: Callable[[str], None] = _stderr,
+                     composed: tuple | None = None, extra_record: dict | None = None) -> Path:
+    """Merge ``models`` (fine-tuned from ``base``) with ``method`` (a ``conf/method/`` name) into the new
+    directory ``out``; return ``out``.
 
-    ``params`` are the method's parameters (``lam``, ``keep``, ``alpha``, ``beta``, ``p``, ``seed``), missing
-    ones taking the method's defaults. Raises before writing anything when the inputs do not fit.
+    ``params``: ``lam``, ``keep``, ``alpha``, ``beta``, ``p``, ``seed`` (None: the config tree's default);
+    ``overrides``: any further ``KEY=VALUE`` of the method's config. Raises before writing anything when the
+    inputs or options do not fit. ``composed``: ``(method object, its config, seed)`` already built (a caller inside
+    a Hydra run, e.g. the LLM pipeline writing what its search found); ``extra_record``: more merge_config.json keys.
     """
-    spec = get_method(method)
-    params = spec.resolve(dict(params or {}))
-    spec.check_count(len(models))
+    if composed is not None:
+        spec, method_cfg, seed = composed
+        nulled = []
+    else:
+        spec, method_cfg, seed, nulled = compose_method(method, params, overrides)
+    spec.check_models(len(models))
+    if nulled:
+        log(f"{', '.join(nulled)} set to null: merging weights alone evaluates nothing, so λ/α/β are the fixed values")
     out = Path(out).absolute()
     base_dir = ModelDir(base)
     model_dirs = [ModelDir(m) for m in models]
@@ -96,14 +132,16 @@ def merge_model_dirs(base: str | Path, models: Sequence[str | Path], method: str
             f"base's (e.g. a CLIPModel base with CLIPVisionModel fine-tunes)")
 
     with atomic_dir(out) as tmp:  # an error or interrupt never leaves a half-written model behind
-        written = _write_weights(tmp, base_dir, model_dirs, spec, params, log, frozenset(base_only))
+        written = _write_weights(tmp, base_dir, model_dirs, spec, method_cfg, seed, log, frozenset(base_only))
         copied = []
         for path in files_to_copy(copy_dir):
             shutil.copy2(path, tmp / path.name)
             copied.append(path.name)
         record = {
-            "method": spec.name, "title": spec.title, "formula": spec.formula, "reference": spec.reference,
-            "parameters": params,
+            "method": method, "title": spec.label,
+            "description": weight_methods()[method].header if method in weight_methods() else None,
+            "method_config": OmegaConf.to_container(method_cfg, resolve=True), "seed": seed, "nulled": nulled,
+            **(extra_record or {}),
             "base": base_dir.fingerprint(), "models": [m.fingerprint() for m in model_dirs],
             "copied_from": str(copy_dir.resolve()), "copied_files": copied,
             "output": written,
@@ -113,31 +151,38 @@ def merge_model_dirs(base: str | Path, models: Sequence[str | Path], method: str
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / MERGE_CONFIG).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    log(f"wrote {out} ({spec.name}, {written['tensors']} tensors in {len(written['files'])} file(s))")
+    log(f"wrote {out} ({method}, {written['tensors']} tensors in {len(written['files'])} file(s))")
     return out
 
 
-def _write_weights(folder: Path, base: ModelDir, models: Sequence[ModelDir], spec, params: dict, log,
+def _write_weights(folder: Path, base: ModelDir, models: Sequence[ModelDir], spec, method_cfg, seed: int, log,
                    base_only: frozenset = frozenset()) -> dict:
-    """One output file per base weight file, holding the same tensors; the index when the base has one."""
+    """One output file per base weight file, holding the same tensors; the index when the base has one.
+    Tensors are read as they are merged and each shard is written and released before the next."""
+    merged_keys = [k for k in base.info if base.info[k].is_floating_point() and k not in base_only]
+    compute = {k: torch.promote_types(_TORCH_DTYPES[base.info[k].dtype], torch.float32) for k in merged_keys}
+    base_weights = DirWeights(base, merged_keys, compute)
+    merger = spec.weights_merger(base_weights, [DirWeights(m, merged_keys, compute) for m in models], seed=seed)
     total_size = 0
     dtypes: dict[str, int] = {}
-    with ExitStack() as stack:
-        for model_dir in (base, *models):
-            stack.enter_context(model_dir)
-        for i, name in enumerate(base.files, start=1):
-            keys = [k for k in base.info if base.weight_map[k] == name]
-            log(f"[{i}/{len(base.files)}] {name}: merging {len(keys)} tensors ({spec.name})")
-            shard = {}
-            for key in keys:
-                tensor = base.tensor(key) if key in base_only else merge_tensor(
-                    key, base.tensor(key), [m.tensor(key) for m in models], spec, params)
-                shard[key] = tensor.contiguous()
-                total_size += tensor.numel() * tensor.element_size()
-                dtypes[str(tensor.dtype)] = dtypes.get(str(tensor.dtype), 0) + 1
-            save_file(shard, str(folder / name), metadata={**base.metadata.get(name, {}), "format": "pt"})
-            os.chmod(folder / name, 0o644)  # safetensors writes 0600; a model folder is meant to be shared
-            del shard
+    for i, name in enumerate(base.files, start=1):
+        keys = [k for k in base.info if base.weight_map[k] == name]
+        log(f"[{i}/{len(base.files)}] {name}: merging {len(keys)} tensors ({spec.label})")
+        shard = {}
+        for key in keys:
+            if key in compute:
+                merged = merger(key)
+                tensor = merged.to(_TORCH_DTYPES[base.info[key].dtype])
+                _check_written(key, merged, tensor, method_cfg)
+                del merged
+            else:  # integer buffers, and modules no fine-tuned model holds
+                tensor = base.tensor(key)
+            shard[key] = tensor.contiguous()
+            total_size += tensor.numel() * tensor.element_size()
+            dtypes[str(tensor.dtype)] = dtypes.get(str(tensor.dtype), 0) + 1
+        save_file(shard, str(folder / name), metadata={**base.metadata.get(name, {}), "format": "pt"})
+        os.chmod(folder / name, 0o644)  # safetensors writes 0600; a model folder is meant to be shared
+        del shard
     if base.sharded:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(base.weight_map.items()))}
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
