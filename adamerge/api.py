@@ -15,7 +15,18 @@ def compose(overrides=(), config_name: str = "config"):
 
 
 def run(cfg) -> float:
-    """Run one composed config (:func:`compose`); returns the mean test accuracy (val with optimized_metric=val)."""
-    from adamerge.experiment import run as _run
+    """Run one composed config (:func:`compose`); returns the mean test accuracy (val with optimized_metric=val;
+    an LLM experiment: Extrapolation Merging's mean test score)."""
+    return runner(cfg)(cfg)
 
-    return _run(cfg)
+
+def runner(cfg):
+    """The run function a composed config asks for: the LLM pipeline for an ``llm`` block (experiment=llm_demo and
+    the llm presets), else the merge-and-evaluate run of the CLIP experiments."""
+    if cfg.get("llm") is not None:
+        from adamerge.llm.pipeline import run_llm
+
+        return run_llm
+    from adamerge.experiment import run
+
+    return run

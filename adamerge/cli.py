@@ -14,10 +14,10 @@ def main(cfg: DictConfig) -> float:
     import sys
 
     from adamerge.adaptation.checkpointing import RunInterrupted
-    from adamerge.experiment import run
+    from adamerge.api import runner
 
     try:
-        return run(cfg)
+        return runner(cfg)(cfg)
     except RunInterrupted as stopped:  # Ctrl-C / SIGTERM: the resume command, no traceback; a sweep stops too
         print(f"adamerge: {stopped}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None

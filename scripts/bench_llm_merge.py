@@ -2,8 +2,9 @@
 
 A synthetic Llama in bf16 (random weights; base + 3 fine-tunes = base + noise; 1 GB shards) is written once;
 then each tool merges it in its own process, interleaved (adamerge, mergekit, adamerge, mergekit), with the
-same threads. Peak RSS is the child's ``ru_maxrss`` (what cgroups and SLURM ``--mem`` limit), and its split
-into anonymous and file-backed memory is polled from ``/proc/<pid>/status``. Results:
+same threads. Peak RSS is the child's ``VmHWM`` (its resident high-water mark since exec — what cgroups and SLURM
+``--mem`` limit; ``ru_maxrss`` would also count the pages a fork inherits from this driver), polled from
+``/proc/<pid>/status`` with its split into anonymous and file-backed memory. Results:
 ``results/bench_llm_merge/<date>.{json,md}``.
 
     .venv/bin/python scripts/bench_llm_merge.py --mergekit /tmp/mkvenv/bin/mergekit-yaml      # ≈ 1.0 B parameters
@@ -74,10 +75,10 @@ def _save_sharded(folder: Path, state: dict, config, shard: str) -> None:
 
 
 def measure(command: list[str], env: dict) -> dict:
-    """Run ``command``; its wall time, peak RSS (ru_maxrss) and peak anonymous / file-backed RSS (polled)."""
+    """Run ``command``; its wall time, peak RSS (VmHWM) and peak anonymous / file-backed RSS (polled)."""
     start = time.perf_counter()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peaks = {"RssAnon": 0, "RssFile": 0}
+    peaks = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0}
     stop = threading.Event()
 
     def poll():
@@ -93,14 +94,14 @@ def measure(command: list[str], env: dict) -> dict:
 
     watcher = threading.Thread(target=poll, daemon=True)
     watcher.start()
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     stop.set()
     wall = time.perf_counter() - start
     stderr = proc.stderr.read().decode(errors="replace")
     if status != 0:
         raise RuntimeError(f"{command[0]} failed ({status}):\n{stderr[-3000:]}")
     gib = 1024 ** 2
-    return {"wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss / gib, 2),
+    return {"wall_s": round(wall, 1), "peak_rss_gib": round(peaks["VmHWM"] / gib, 2),
             "peak_anon_gib": round(peaks["RssAnon"] / gib, 2), "peak_file_gib": round(peaks["RssFile"] / gib, 2)}
 
 
@@ -162,7 +163,7 @@ def main() -> None:
     (folder / f"{stamp}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# Merging a synthetic {count / 1e9:.2f} B-parameter Llama (bf16, base + 3, {args.shard} shards, "
              f"{args.threads} threads, {stamp})", "",
-             "Each run in its own process, interleaved, warm page cache. Peak RSS: `ru_maxrss`; anonymous / "
+             "Each run in its own process, interleaved, warm page cache. Peak RSS: `VmHWM`; anonymous / "
              "file-backed: polled peaks from `/proc/<pid>/status`.", "",
              "| tool | method | run | wall s | peak RSS GiB | anonymous GiB | file-backed GiB |",
              "| --- | --- | --- | --- | --- | --- | --- |"]

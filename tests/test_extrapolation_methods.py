@@ -122,6 +122,27 @@ def test_extrapolation_merging_search_picks_planted_better_point(ctx):
     assert accuracy(ctx.backbone.visual, chosen, ctx.heads["t0"], ctx.tasks[0], "val") == 1.0
 
 
+def test_per_task_rows_keep_each_tasks_own_extrapolated_model(ctx):
+    """merge: null (expo_per_task, extrapolation_merging_per_task): task k is scored with its own θₖ', which is
+    exactly ExPO / Extrapolation Merging of its own checkpoints at the point searched for it; individual_best is the
+    best candidate itself."""
+    from adamerge.methods import IndividualBest
+    ctx.tasks = [with_labels(t, "val", predictions(ctx, t, expo(ctx.finetuned[t.name], ctx.pretrained, 1.0)))
+                 for t in ctx.tasks]
+    result = ExPO(None, alpha=0.0, objective="val", step=0.5, bounds=(0.0, 1.0), budget=6).run(ctx)
+    assert result.params is None and set(result.per_task) == set(ctx.task_names)
+    for name in ctx.task_names:
+        alpha = result.extra["alpha_per_task"][name]
+        assert_state_close(result.per_task[name], expo(ctx.finetuned[name], ctx.pretrained, alpha), atol=0)
+    assert result.extra["merge_method"] is None and result.extra["alpha_per_task"]["t0"] > 0.0
+    em = ExtrapolationMerging(None, objective="val", start={"alpha": 0.25, "beta": 0.5}, budget=1).run(ctx)
+    for name in ctx.task_names:
+        first, second = ctx.pool.load_candidates(name, ctx.pretrained)
+        assert_state_close(em.per_task[name], extrapolation_merge(first, second, ctx.pretrained, 0.25, 0.5), atol=0)
+    best = IndividualBest().run(ctx)
+    assert all(torch.equal(best.per_task[n][k], v) for n in ctx.task_names for k, v in first_candidates(ctx)[n].items())
+
+
 def test_entropy_objective_reads_no_labels(ctx):
     method = ExtrapolationMerging(TaskArithmetic(lam=0.3), objective="entropy", budget=5)
     clean = method.run(ctx)

@@ -306,3 +306,22 @@ def test_unseen_tasks_get_their_own_columns_after_the_average():
     measured, paper = table.cell_texts()
     assert measured[-2:] == ["25.0 ± 7.1", "25.0 ± 7.1"] and paper[-2:] == ["30.0", "30.0"]
     assert "unseen:u" in table.to_csv().splitlines()[0]
+
+
+def test_a_run_with_several_rows_gives_the_sweep_table_all_of_them(tmp_path):
+    """The LLM pipeline's run folder lists its five rows in records.json; a sweep's table reads every one of them,
+    and a damaged list is named, never skipped."""
+    from adamerge.results.hydra_callback import RECORD_FILE, RECORDS_FILE, sweep_records
+    from adamerge.results.records import RecordFormatError, write_record_file
+
+    sweep = tmp_path / "multirun" / "llm_demo" / "stamp"
+    rows = [record(label="Base", time="2026-01-01T00:00:00+00:00"), record(label="SFT", time="2026-01-01T00:00:01+00:00")]
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / RECORDS_FILE).write_text(json.dumps(rows))
+    write_record_file(sweep / "0" / RECORD_FILE, rows[-1])
+    (sweep / "1").mkdir()
+    write_record_file(sweep / "1" / RECORD_FILE, record(label="Other", time="2026-01-01T00:00:02+00:00"))
+    assert [r["label"] for r in sweep_records(sweep)] == ["Base", "SFT", "Other"]
+    (sweep / "0" / RECORDS_FILE).write_text(json.dumps([{"label": "broken"}]))
+    with pytest.raises(RecordFormatError, match="records.json"):
+        sweep_records(sweep)

@@ -115,3 +115,12 @@ def test_reading_a_tensor_leaves_no_file_mapped(tmp_path):
     del same
     gc.collect()
     assert not mapped(tmp_path / "model.safetensors")  # ... and unmaps them with the tensor
+
+
+def test_all_finite_is_the_elementwise_test():
+    from adamerge.merging.task_vectors import all_finite
+    big = torch.full((4,), 3e38)  # finite entries whose sum overflows: the fallback must say finite
+    for value, want in [(torch.randn(10), True), (big, True), (torch.tensor([1.0, float("nan")]), False),
+                        (torch.tensor([float("inf"), -float("inf")]), False), (torch.zeros(0), True),
+                        (torch.tensor([1, 2]), True)]:
+        assert all_finite(value) is want

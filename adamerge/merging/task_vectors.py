@@ -44,6 +44,15 @@ def check_compatible(pretrained: StateDict, finetuned: StateDict, source: str = 
             + ". Is it from the same architecture (e.g. ViT-B-32 vs ViT-B-16) and a vision-tower state dict?")
 
 
+def all_finite(value: torch.Tensor) -> bool:
+    """True when every entry is finite. A finite sum implies it (an inf or NaN entry makes the sum inf or NaN), and
+    a sum is much cheaper than the elementwise test; only a non-finite sum (which an overflow could also give)
+    falls back to it."""
+    if not value.is_floating_point() or value.numel() == 0:
+        return True
+    return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
+
+
 class NonFiniteTensorError(ValueError):
     """A tensor with NaN or Inf entries where a merge reads or writes weights, named with its source."""
 

@@ -200,7 +200,10 @@ def trimmer(vectors: Sequence[Mapping[str, torch.Tensor]], keep: float, *, scope
     domains = [set(d) for d in _domains(vectors, uncounted)]
     thresholds = trim_thresholds(vectors, keep, extra_zeros, uncounted, low_memory) if scope == "vector" else None
 
-    def trimmed(k: int, key: str) -> torch.Tensor:
+    cache: dict[int, torch.Tensor] = {}  # the K trimmed rows of the key read last: TIES reads each row 2–3 times
+    current: list[str | None] = [None]
+
+    def trim(k: int, key: str) -> torch.Tensor:
         value = vectors[k][key]
         if key not in domains[k]:
             return torch.zeros_like(value)
@@ -208,6 +211,14 @@ def trimmer(vectors: Sequence[Mapping[str, torch.Tensor]], keep: float, *, scope
             return value * exact_k_mask(value, keep)
         thr = thresholds[k] if thresholds is not None else _threshold(lambda: [value], value.numel(), keep, 0, False)
         return value if thr is None else value * (value.abs() >= thr)
+
+    def trimmed(k: int, key: str) -> torch.Tensor:
+        if current[0] != key:
+            cache.clear()
+            current[0] = key
+        if k not in cache:
+            cache[k] = trim(k, key)
+        return cache[k]
 
     return trimmed
 

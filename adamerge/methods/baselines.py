@@ -26,6 +26,20 @@ class Individual(Method):
         return MergeResult(per_task={n: ctx.finetuned[n] for n in ctx.task_names})
 
 
+class IndividualBest(Method):
+    """Each task evaluated with its best fine-tuning checkpoint by validation accuracy (the pool's first
+    candidate), not the final one: the baseline Extrapolation Merging's per-task claim is measured against."""
+
+    def __init__(self, label: str = "Individual (best checkpoint)"):
+        self.label = label
+
+    def run(self, ctx: MergeContext) -> MergeResult:
+        if ctx.pool is None or not hasattr(ctx.pool, "load_candidates"):
+            raise ValueError("Individual (best checkpoint) needs a pool that lists each task's checkpoints best first "
+                             "(pool.candidates.<task>=[best.safetensors, …]); this context has none")
+        return MergeResult(per_task={n: ctx.pool.load_candidates(n, ctx.pretrained, need=1)[0] for n in ctx.task_names})
+
+
 class WeightAveraging(Method):
     """θ = (1/K) Σₖ θₖ."""
 

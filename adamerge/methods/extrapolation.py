@@ -64,8 +64,8 @@ def task_score(ctx: MergeContext, name: str, objective: str) -> Callable[[StateD
 class _ExtrapolateThenMerge(Method):
     """Per task: build θₖ' (fixed or searched point); then ``merge`` merges the θₖ' across tasks."""
 
-    def __init__(self, merge: Method, objective: str | None, budget: int, min_step: float, label: str | None):
-        if not isinstance(merge, Method):
+    def __init__(self, merge: Method | None, objective: str | None, budget: int, min_step: float, label: str | None):
+        if merge is not None and not isinstance(merge, Method):
             raise TypeError(
                 f"method.merge must be a merge method config, got {merge!r}. Choose it as a config group: "
                 f"method@method.merge=ties (not method.merge=ties); tune it with method.merge.<key>=…")
@@ -117,9 +117,12 @@ class _ExtrapolateThenMerge(Method):
                 searches[name] = {"score": found.value, "evaluations": found.evaluations,
                                   "history": [{**p, "score": v} for p, v in found.history]}
             models[name], chosen[name] = self.model(ctx, name, point), point
-        inner = self.merge.run(replace(ctx, finetuned=models))  # a new context: its task vectors are recomputed
+        if self.merge is None:  # the paper's own claim: each task's fine-tuned model improved, nothing merged
+            inner = MergeResult(per_task=models)
+        else:
+            inner = self.merge.run(replace(ctx, finetuned=models))  # a new context: its task vectors are recomputed
         extra = dict(inner.extra)  # the inner method's record (λ, coefficients file, steps, …) stays top-level
-        extra["merge_method"] = self.merge.label
+        extra["merge_method"] = None if self.merge is None else self.merge.label
         extra["search_objective"] = self.objective or "fixed"
         for key in next(iter(chosen.values()), {}):
             extra[f"{key}_per_task"] = {name: point[key] for name, point in chosen.items()}
@@ -167,6 +170,8 @@ class ExPO(_ExtrapolateThenMerge):
                                                                     self.alpha)[key]) for m in models]
         if len(models) == 1:
             return extrapolated[0].__getitem__
+        if self.merge is None:
+            raise ValueError(f"{self.label} keeps each model apart (merge: null): give one model to extrapolate")
         return self.merge.weights_merger(base, extrapolated, seed)
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 import adamerge
 from adamerge.io import atomic_dir
-from adamerge.merging.task_vectors import NonFiniteTensorError
+from adamerge.merging.task_vectors import NonFiniteTensorError, all_finite
 from adamerge.model_dirs.layout import INDEX_FILE, SINGLE_FILE, ModelDir, ModelDirError, check_same_tensors
 from adamerge.model_dirs.registry import compose_method, weight_methods
 
@@ -73,7 +73,7 @@ class DirWeights(Mapping[str, torch.Tensor]):
         if key not in self._compute:
             raise KeyError(key)
         value = self.model_dir.tensor(key).to(self._compute[key])
-        if not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             count = int((~torch.isfinite(value)).sum())
             raise NonFiniteTensorError(f"model directory {self.model_dir.path} holds non-finite values (NaN/Inf) in "
                                        f"{key} ({count} of {value.numel()} entries); a merge with it would be NaN "
@@ -89,7 +89,7 @@ class DirWeights(Mapping[str, torch.Tensor]):
 
 
 def _check_written(key: str, merged: torch.Tensor, written: torch.Tensor, method_cfg) -> None:
-    if not bool(torch.isfinite(written).all()):
+    if not all_finite(written):
         largest = merged.abs().max().item()
         options = {k: v for k, v in method_cfg.items() if k in ("lam", "alpha", "start", "p")}
         raise ModelDirError(

@@ -16,7 +16,7 @@ from adamerge.runtime.config import CONF_DIR, compose
 
 CHOSEN_BY_EVALUATION = ("lam_grid", "objective")  # set to null here unless the user sets them (then refused)
 # Presets that exist to choose by evaluation (λ on val, α per task by search): their fixed form is another preset.
-EVALUATION_PRESETS = ("_tuned", "_searched", "_entropy")
+EVALUATION_PRESETS = ("_tuned", "_searched", "_entropy", "_per_task")  # _per_task: CLIP rows, one model per task
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "record.json"
+RECORDS_FILE = "records.json"  # a run with several rows (the LLM pipeline) lists them all here
 
 
 def sweep_run_dirs(sweep_dir: Path) -> list[Path]:
@@ -33,10 +34,25 @@ def sweep_run_dirs(sweep_dir: Path) -> list[Path]:
     return found
 
 
-def sweep_records(sweep_dir: Path) -> list[dict]:
-    from adamerge.results.records import read_record_file
+def run_records(run_dir: Path) -> list[dict]:
+    """The records a run folder holds: every row of ``records.json``, or its one ``record.json``."""
+    import json
 
-    return sorted((read_record_file(d / RECORD_FILE) for d in sweep_run_dirs(sweep_dir)), key=lambda r: r["time"])
+    from adamerge.results.records import RecordFormatError, read_record_file, validate_record
+
+    if (run_dir / RECORDS_FILE).is_file():
+        try:
+            records = json.loads((run_dir / RECORDS_FILE).read_text(encoding="utf-8"))
+            for record in records:
+                validate_record(record)
+        except (ValueError, TypeError, RecordFormatError) as error:
+            raise RecordFormatError(f"{run_dir / RECORDS_FILE}: malformed run records: {error}") from error
+        return records
+    return [read_record_file(run_dir / RECORD_FILE)]
+
+
+def sweep_records(sweep_dir: Path) -> list[dict]:
+    return sorted((r for d in sweep_run_dirs(sweep_dir) for r in run_records(d)), key=lambda r: r["time"])
 
 
 class ResultsTable(Callback):

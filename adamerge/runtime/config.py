@@ -61,3 +61,4 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
                 if key in job.paths:
                     job.paths[key] = OmegaConf.select(cfg, f"paths.{key}")
     return job
+
