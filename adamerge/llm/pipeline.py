@@ -29,10 +29,12 @@ from adamerge.llm.checkpoints import discover, rank, read_metrics
 from adamerge.llm.evaluation import mean
 from adamerge.results import append_record, check_writable, make_record, write_record_file
 from adamerge.results.hydra_callback import RECORDS_FILE
-from adamerge.results.records import write_text_atomic
+from adamerge.results.records import write_records_file
 from adamerge.runtime.process import start_process
+from adamerge.runtime.provenance import provenance
 from adamerge.runtime.reporting import print_config
 from adamerge.search import local_search
+from adamerge.search.edges import bound_warnings
 
 log = logging.getLogger(__name__)
 RANK_BY = ("trainer_state", "evaluate")
@@ -80,7 +82,13 @@ def _search(score, method, models, candidates) -> tuple[dict, dict]:
         return mean(scores)
 
     found = local_search(objective, start, step, bounds, budget=method.budget, min_step=method.min_step)
-    return found.best, {"best": found.best, "val_mean": found.value, "evaluations": found.evaluations, "trace": trace}
+    warnings = bound_warnings(found.best, bounds or {})
+    log.info("%s: %s chosen on val (val mean %.1f, %d evaluations)", method.label,
+             ", ".join(f"{k}={v:g}" for k, v in found.best.items()), 100 * found.value, found.evaluations)
+    for warning in warnings:
+        log.warning("%s: %s", method.label, warning)
+    return found.best, {"best": found.best, "val_mean": found.value, "evaluations": found.evaluations,
+                        "warnings": warnings, "trace": trace}
 
 
 def run_llm(cfg: DictConfig) -> float:
@@ -158,27 +166,20 @@ def run_llm(cfg: DictConfig) -> float:
               "evaluator": type(evaluator).__name__, "stored_bytes": candidates.stored_bytes(),
               "seconds": round(time.time() - started, 1), "run_dir": str(run_dir)}
     config = OmegaConf.to_container(cfg, resolve=True)
+    origin = provenance(process.device)
     model_name = str(llm.model_name) if llm.model_name else Path(inputs["base"]).name
     for key, label, test, extra in rows:
         records.append(make_record(experiment=cfg.name, method=key, label=label, model=model_name,
                                    seed=cfg.seed, accuracy=test, tasks=evaluator.task_names("test"),
-                                   extra={**common, **extra}, config=config))
+                                   extra={**common, **extra}, config=config, provenance=origin))
     for record in records:
         append_record(records_dir / f"{cfg.name}.jsonl", record)
-    write_text_atomic(run_dir / RECORDS_FILE, _dump(records))
+    write_records_file(run_dir / RECORDS_FILE, records)
     write_record_file(run_dir / "record.json", records[-1])  # the row a sweep's own table reads first
     _write_table(cfg, records)
     log.info("Extrapolation Merging: α=%.3g β=%.3g, test mean %.1f (%.0f s)", point["alpha"], point["beta"],
              100 * mean(em_test), time.time() - started)
     return mean(em_test)
-
-
-def _dump(records) -> str:
-    import json
-
-    from adamerge.results.records import _json_default
-
-    return json.dumps(records, ensure_ascii=False, allow_nan=False, default=_json_default, indent=1) + "\n"
 
 
 def _write_merged(cfg, base, best, second, method, search, values, run_dir: Path) -> Path:

@@ -13,6 +13,7 @@ The math lives in :mod:`adamerge.merging.extrapolation`, the search in :mod:`ada
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import replace
 from typing import Callable, Mapping
 
@@ -27,6 +28,9 @@ from adamerge.methods.base import (MergeContext, MergeResult, Method, StateDict,
                                    require_label)
 from adamerge.models.heads import logits
 from adamerge.search import local_search
+from adamerge.search.edges import bound_warnings
+
+log = logging.getLogger(__name__)
 
 OBJECTIVES = ("val", "entropy")
 
@@ -114,7 +118,10 @@ class _ExtrapolateThenMerge(Method):
                 found = local_search(lambda p: score(self.model(ctx, name, p)), start, step, bounds,
                                      budget=self.budget, min_step=self.min_step)
                 point = found.best
-                searches[name] = {"score": found.value, "evaluations": found.evaluations,
+                warnings = bound_warnings(point, bounds or {})
+                for warning in warnings:
+                    log.warning("%s on %s: %s", self.label, name, warning)
+                searches[name] = {"score": found.value, "evaluations": found.evaluations, "warnings": warnings,
                                   "history": [{**p, "score": v} for p, v in found.history]}
             models[name], chosen[name] = self.model(ctx, name, point), point
         if self.merge is None:  # the paper's own claim: each task's fine-tuned model improved, nothing merged

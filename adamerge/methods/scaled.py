@@ -6,6 +6,7 @@ direction is computed once and only rescaled per λ.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -15,6 +16,9 @@ from adamerge.merging.task_vectors import TaskVectorView
 from adamerge.merging.ties import MERGE_FUNCTIONS, check_keep, check_trim, check_zero_sign, ties_directions
 from adamerge.methods.base import (TRIM_COUNTS, MergeContext, MergeResult, Method, StateDict, TensorMerge,
                                    no_evaluation, one, require_label)
+from adamerge.search.edges import edge_warnings
+
+log = logging.getLogger(__name__)
 
 Direction = Callable[[str], torch.Tensor]
 
@@ -47,8 +51,14 @@ class _Scaled(Method):
             acc = ctx.evaluate(add_scaled(ctx.pretrained, direction, lam), split="val")
             curve[lam] = sum(acc.values()) / len(acc)
         best = max(curve, key=curve.get)
+        edges = edge_warnings({"λ": best}, [{"λ": lam} for lam in curve], {})
+        log.info("%s: λ=%g chosen on val (val avg %.1f) from %s", self.label, best, 100 * curve[best],
+                 ", ".join(f"{lam:g}" for lam in curve))
+        for warning in edges:
+            log.warning("%s: %s", self.label, warning)
         return MergeResult(params=add_scaled(ctx.pretrained, direction, best),
-                           extra={"lambda": best, "val_avg_by_lambda": curve})
+                           extra={"lambda": best, "val_avg": curve[best], "val_avg_by_lambda": curve,
+                                  "search_warnings": edges})
 
 
 class TaskArithmetic(_Scaled):

@@ -87,7 +87,8 @@ class ResultsTable(Callback):
     def write(self, config: DictConfig, partial: bool) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from adamerge.results.records import keep_latest, read_records
+        from adamerge.results.records import keep_latest, read_records, write_text_atomic
+        from adamerge.results.searches import choose, searched_keys
         from adamerge.results.tables import build_table, print_table, write_tables
 
         HydraConfig.instance().set_config(config)  # so ${hydra:...} in paths resolves after the jobs
@@ -101,8 +102,19 @@ class ResultsTable(Callback):
             sys.stderr.write(f"\nadamerge: the sweep stopped early; the table of its {len(this_sweep)} finished "
                              f"job(s) follows (written as <name>.partial.md/.csv)\n")
         history = bool(config.get("table_history", False))
+        specs = swept_parameters(config)
         for name in dict.fromkeys(r["experiment"] for r in this_sweep):
             runs = [r for r in this_sweep if r["experiment"] == name]
+            runs, searches = choose(runs, searched_keys(specs, runs), specs)
+            if searches:  # every trial, beside the table that shows the chosen one
+                report = "\n".join(search.to_markdown(name) for search in searches)
+                sys.stdout.write("\n" + report)
+                path = write_text_atomic(results_dir / "tables" / f"{name}{'.partial' if partial else ''}.search.md",
+                                         report)
+                for search in searches:
+                    log.info("chose %s; every trial in %s", search.label(), path)
+                    for warning in search.warnings:
+                        log.warning("%s: %s", name, warning)
             records = list(runs)
             if history and (results_dir / "raw" / f"{name}.jsonl").exists():
                 ids = {r["run_id"] for r in runs}
@@ -119,6 +131,20 @@ class ResultsTable(Callback):
             for path in write_tables(table, stem):
                 log.info("wrote %s", path)
             copy_figures(runs, results_dir / "figures" / name)
+
+
+def swept_parameters(config: DictConfig) -> dict[str, str]:
+    """``{key: spec}`` of what this sweep varies: the sweeper's ``params`` and the command line's sweep overrides
+    (``method.lam=0.1,0.2``, ``range(…)``, ``choice(…)``, ``interval(…)``)."""
+    swept: dict[str, str] = {}
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+    if params:
+        swept.update({str(k): str(v) for k, v in OmegaConf.to_container(params, resolve=False).items()})
+    for override in OmegaConf.select(config, "hydra.overrides.task", default=None) or []:
+        key, _, value = str(override).partition("=")
+        if "," in value or value.startswith(("range(", "choice(", "interval(", "tag(")):
+            swept[key] = value
+    return swept
 
 
 def copy_figures(records: list[dict], folder: Path) -> list[Path]:

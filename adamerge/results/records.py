@@ -17,8 +17,9 @@ Record schema (one JSON object per line)::
       "accuracy":   {task: float},     # fraction in [0, 1], one entry per task in ``tasks``
       "avg":        float,             # mean of ``accuracy`` over ``tasks``
       "extra":      {...},             # free-form: coefficients file, chosen λ, clamp count, timings
-      "config":     {...}              # the resolved config of the run
-    }
+      "config":     {...},             # the resolved config of the run
+      "provenance": {...}              # git commit + dirty flag, package versions, hardware, command line
+    }                                  # (adamerge.runtime.provenance; absent from records written before it)
 """
 
 from __future__ import annotations
@@ -64,8 +65,14 @@ def make_record(
     config: Mapping[str, Any] | None = None,
     run_id: str | None = None,
     time: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build a schema-valid record, filling ``run_id``, ``time`` and ``avg`` so callers cannot get them wrong."""
+    """Build a schema-valid record, filling ``run_id``, ``time``, ``avg`` and ``provenance`` (this process's, unless
+    given) so callers cannot get them wrong."""
+    if provenance is None:
+        from adamerge.runtime.provenance import provenance as this_process
+
+        provenance = this_process()
     accuracy = {task: float(value) for task, value in accuracy.items()}
     tasks = list(tasks) if tasks is not None else list(accuracy)
     record = {
@@ -81,6 +88,7 @@ def make_record(
         "avg": sum(accuracy.get(t, math.nan) for t in tasks) / len(tasks) if tasks else math.nan,  # NaN fails validation
         "extra": dict(extra or {}),
         "config": dict(config or {}),
+        "provenance": dict(provenance),
     }
     validate_record(record)
     return record
@@ -110,8 +118,8 @@ def validate_record(record: Any) -> None:
     for task, value in list(accuracy.items()) + [("avg", record["avg"])]:
         if not _is_fraction(value):
             raise RecordFormatError(f"accuracy for {task!r} must be a fraction in [0, 1], got {value!r}")
-    for name in ("extra", "config"):
-        if not isinstance(record[name], dict):
+    for name in ("extra", "config", "provenance"):
+        if name in record and not isinstance(record[name], dict):
             raise RecordFormatError(f"field {name!r} must be an object, got {type(record[name]).__name__}")
 
 
@@ -208,6 +216,15 @@ def write_record_file(path: str | Path, record: Mapping[str, Any]) -> Path:
     return write_text_atomic(path, text)
 
 
+def write_records_file(path: str | Path, records: Iterable[Mapping[str, Any]]) -> Path:
+    """A run's several rows (``<run_dir>/records.json``, the LLM pipeline's five), validated and written atomically."""
+    records = [dict(r) for r in records]
+    for record in records:
+        validate_record(record)
+    text = json.dumps(records, ensure_ascii=False, allow_nan=False, default=_json_default, indent=1) + "\n"
+    return write_text_atomic(path, text)
+
+
 def read_record_file(path: str | Path) -> dict[str, Any]:
     """One record written by :func:`write_record_file`; a damaged one is an error naming the file."""
     try:
@@ -231,14 +248,18 @@ def _jsonl_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def keep_latest(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Keep only the newest record per ``(label, seed)``: re-running a method replaces its row.
+    """Keep only the newest record per ``(label, config, seed)``: re-running a method replaces its row.
 
-    Newest means the latest ``time``; on equal times the record read later wins. The survivors
-    keep the order in which their ``(label, seed)`` first appeared.
+    The config is the resolved config up to bookkeeping (:func:`~adamerge.results.identity.fingerprint`): trials of
+    a search share label and seed but not their parameters, and each stays (the table shows them apart). Newest
+    means the latest ``time``; on equal times the record read later wins. The survivors keep the order in which
+    their key first appeared.
     """
-    newest: dict[tuple[str, int], tuple[datetime, int, dict[str, Any]]] = {}
+    from adamerge.results.identity import fingerprint
+
+    newest: dict[tuple[str, str, int], tuple[datetime, int, dict[str, Any]]] = {}
     for index, record in enumerate(records):
-        key = (record["label"], record["seed"])
+        key = (record["label"], fingerprint(record.get("config")), record["seed"])
         stamp = _parse_time(record["time"])
         if key not in newest or (stamp, index) >= newest[key][:2]:
             newest[key] = (stamp, index, dict(record))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from adamerge.results.identity import distinguishing_keys, fingerprint, result_config, short_value
 from adamerge.results.records import (
     RecordFormatError,
     ResultsDirError,
@@ -125,7 +126,7 @@ def build_table(
     row_order: Sequence[str] | None = None,
     reference: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Table:
-    """Group ``records`` by ``label`` into rows, averaging over seeds.
+    """Group ``records`` into rows (:func:`group_rows`: one label, one config up to the seed), averaging over seeds.
 
     Columns are ``task_order`` (which may pick a subset) or the first record's ``tasks``. Rows
     follow ``row_order`` (labels absent from the records are skipped; labels it does not name
@@ -140,11 +141,12 @@ def build_table(
     if not records:
         raise TableError("no run records to tabulate")
     tasks = list(task_order) if task_order is not None else list(records[0]["tasks"])
-    groups: dict[str, list[Mapping[str, Any]]] = {}
-    for record in records:
-        groups.setdefault(record["label"], []).append(record)
+    groups = group_rows(records)
 
-    labels = [label for label in (row_order or []) if label in groups]
+    by_label: dict[str, list[str]] = {}
+    for row_label, group in groups.items():
+        by_label.setdefault(group[0]["label"], []).append(row_label)
+    labels = [row for label in (row_order or []) if label in by_label for row in by_label[label]]
     labels += [label for label in groups if label not in labels]
     unseen: list[str] = []
     for record in records:
@@ -152,10 +154,35 @@ def build_table(
     rows: list[Row] = []
     for label in labels:
         rows.append(_measured_row(label, groups[label], tasks, subset_allowed=task_order is not None, unseen=unseen))
-        if reference and label in reference:
-            for source, numbers in _sources(label, reference[label]):
-                rows.append(_reference_row(label, numbers, tasks, unseen, source))
+        plain = groups[label][0]["label"]
+        if reference and plain in reference and by_label[plain][-1] == label:
+            for source, numbers in _sources(plain, reference[plain]):
+                rows.append(_reference_row(plain, numbers, tasks, unseen, source))
     return Table(tasks=tasks, rows=rows, unseen=tuple(unseen))
+
+
+def group_rows(records: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Rows: records of one ``label`` *and* one resolved config up to the seed (:mod:`~adamerge.results.identity`).
+
+    A label whose runs used different configurations becomes one row per configuration, each label followed by
+    the keys that tell them apart (``Task-wise AdaMerging [optimizer.lr=0.001, trainer.max_steps=10]``): never one
+    row averaging different experiments as if they were seeds.
+    """
+    by_label: dict[str, dict[str, list[Mapping[str, Any]]]] = {}
+    for record in records:
+        by_label.setdefault(record["label"], {}).setdefault(fingerprint(record.get("config")), []).append(record)
+    rows: dict[str, list[Mapping[str, Any]]] = {}
+    for label, configs in by_label.items():
+        if len(configs) == 1:
+            rows[label] = next(iter(configs.values()))
+            continue
+        keys = distinguishing_keys([group[0].get("config") for group in configs.values()])
+        for print_, group in configs.items():
+            flat = result_config(group[0].get("config"))
+            shown = ", ".join(f"{k}={short_value(flat.get(k, '∅'))}" for k in keys[:4])
+            name = f"{label} [{shown}{', …' if len(keys) > 4 else ''}]"
+            rows[name if name not in rows else f"{label} [config {print_}]"] = group
+    return rows
 
 
 def _measured_row(label: str, group: list[Mapping[str, Any]], tasks: list[str], subset_allowed: bool,
@@ -172,47 +199,10 @@ def _measured_row(label: str, group: list[Mapping[str, Any]], tasks: list[str], 
                unseen_avg=unseen_avg)
 
 
-#: Config keys that never change a run's numbers (where files go, logging, threads, how evaluation is batched);
-#: runs of one row may differ in them and in ``seed``, which a row averages over.
-NOT_RESULT_KEYS = ("seed", "name", "paths", "logger", "callbacks", "print_config", "verbose", "threads", "device",
-                   "eval_batch_size", "reuse_host_memory", "ckpt_path", "optimized_metric", "table_history", "hydra",
-                   "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy",
-                   "trainer.default_root_dir", "trainer.log_every_n_steps", "trainer.enable_progress_bar",
-                   "method_name", "model_name", "reference", "method.reuse_host_memory", "method.label")
-
-
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if any(name == k or name.startswith(k + ".") for k in NOT_RESULT_KEYS):
-            continue
-        if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    """Keys of two resolved configs that differ in what can change a result (``NOT_RESULT_KEYS`` left out)."""
-    fa, fb = _flatten(a or {}), _flatten(b or {})
-    return [f"{k}: {fa.get(k, '∅')!r} vs {fb.get(k, '∅')!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
-
-
 def _check_consistent(label: str, group: list[Mapping[str, Any]], tasks: list[str], subset_allowed: bool) -> None:
-    """Refuse to average runs that measured different things; a silently mixed row would mislead."""
+    """Refuse to average runs that measured different things; a silently mixed row would mislead. (Runs of different
+    configurations never share a row: :func:`group_rows` splits them first.)"""
     first = group[0]
-    for record in group[1:]:
-        if not first.get("config") or not record.get("config"):
-            continue
-        differences = config_differences(first["config"], record["config"])
-        if differences:
-            raise TableError(
-                f"records for {label!r} come from different configurations, so averaging them as seeds would mislead "
-                f"(run {first['run_id']} vs {record['run_id']}): {'; '.join(differences[:6])}"
-                + (f"; … ({len(differences)} in all)" if len(differences) > 6 else "")
-                + ". Give them different labels (method.label=…) or experiment names, or keep one set.")
     for record in group[1:]:
         if set(record["tasks"]) != set(first["tasks"]):
             raise TableError(
@@ -295,11 +285,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         records = read_records(args.paths)
+        available = sorted({r["experiment"] for r in records})
         if args.experiment is not None:
-            available = sorted({r["experiment"] for r in records})
             records = [r for r in records if r["experiment"] == args.experiment]
             if not records:
                 raise TableError(f"no records for experiment {args.experiment!r}; found experiments {available}")
+        elif len(available) > 1:  # one table mixing experiments would read as one comparison
+            raise TableError(f"the records come from {len(available)} experiments {available}; pick one with "
+                             f"--experiment NAME (one table per experiment)")
         if args.latest:
             records = keep_latest(records)
         reference = json.loads(args.reference.read_text(encoding="utf-8")) if args.reference else None
