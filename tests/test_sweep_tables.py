@@ -19,7 +19,8 @@ from tests.cli_runner import adamerge, records
 
 def trial(lr, val, test, seed=0, label="Task-wise AdaMerging", time="2026-01-01T00:00:00+00:00", steps=10):
     config = {"seed": seed, "threads": 1, "paths": {"output_dir": f"/runs/{lr}/{seed}"}, "trainer": {"max_steps": steps},
-              "optimizer": {"lr": lr}, "method": {"granularity": "task", "init": 0.3}}
+              "optimizer": {"lr": lr},
+              "method": {"granularity": "task", "init": 0.3, "optimizer": {"lr": lr}}}  # an interpolated copy of lr
     return make_record(experiment="optuna_adamerging", method="adamerging_taskwise", label=label, model="m",
                        seed=seed, accuracy={"a": test, "b": test}, extra={"val_accuracy": {"a": val, "b": val}},
                        config=config, time=time, provenance={})
@@ -134,3 +135,20 @@ def test_every_record_carries_provenance(tmp_path, embedded_cache):
     assert "method.lam=0.4" in command["overrides"] and command["output_dir"] == record["extra"]["run_dir"]
     run_copy = json.loads((Path(record["extra"]["run_dir"]) / "record.json").read_text())
     assert run_copy["provenance"] == origin
+
+
+@pytest.mark.slow
+def test_an_optuna_search_table_shows_the_trial_optuna_chose_with_its_parameters(tmp_path, embedded_cache):
+    from omegaconf import OmegaConf
+
+    adamerge(["experiment=smoke", "hparams_search=optuna_adamerging", "hydra.sweeper.n_trials=3", "threads=1",
+              "method=adamerging_taskwise", "print_config=false"], tmp_path, embedded_cache)
+    runs = records(tmp_path, "optuna_adamerging")
+    val = {r["run_id"]: sum(r["extra"]["val_accuracy"].values()) / len(r["tasks"]) for r in runs}
+    best = max(runs, key=lambda r: val[r["run_id"]])
+    (optuna,) = (tmp_path / "multirun" / "optuna_adamerging").glob("*/optimization_results.yaml")
+    assert OmegaConf.load(optuna).best_params["optimizer.lr"] == best["config"]["optimizer"]["lr"]
+    table = (tmp_path / "results" / "tables" / "optuna_adamerging.md").read_text()
+    rows = [line for line in table.splitlines()[2:] if line.startswith("| ")]
+    assert len(rows) == 1 and f"optimizer.lr={best['config']['optimizer']['lr']:g}" in rows[0]
+    assert f"val {100 * val[best['run_id']]:.1f}]" in rows[0] and rows[0].rstrip(" |").endswith(f"{100 * best['avg']:.1f}")

@@ -106,6 +106,8 @@ class ResultsTable(Callback):
         for name in dict.fromkeys(r["experiment"] for r in this_sweep):
             runs = [r for r in this_sweep if r["experiment"] == name]
             runs, searches = choose(runs, searched_keys(specs, runs), specs)
+            for search in searches:
+                search.warnings += sweeper_disagreement(sweep_dir, search)
             if searches:  # every trial, beside the table that shows the chosen one
                 report = "\n".join(search.to_markdown(name) for search in searches)
                 sys.stdout.write("\n" + report)
@@ -131,6 +133,19 @@ class ResultsTable(Callback):
             for path in write_tables(table, stem):
                 log.info("wrote %s", path)
             copy_figures(runs, results_dir / "figures" / name)
+
+
+def sweeper_disagreement(sweep_dir: Path, search) -> list[str]:
+    """The Optuna sweeper's own verdict (``optimization_results.yaml``) against the trial the table shows: both rank
+    by the value each job returned (mean val accuracy), so they must name the same parameters."""
+    path = sweep_dir / "optimization_results.yaml"
+    if not path.is_file():
+        return []
+    best = OmegaConf.to_container(OmegaConf.load(path)).get("best_params") or {}
+    differing = {k: (v, search.chosen.params.get(k)) for k, v in best.items()
+                 if k in search.chosen.params and search.chosen.params[k] != v}
+    return [f"the sweeper's best parameters {best} differ from the trial chosen on val here ({differing}); "
+            "did the jobs return mean val accuracy (optimized_metric=val)?"] if differing else []
 
 
 def swept_parameters(config: DictConfig) -> dict[str, str]:

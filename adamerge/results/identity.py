@@ -53,7 +53,20 @@ def distinguishing_keys(configs: list[Mapping[str, Any] | None]) -> list[str]:
     """The result keys whose values are not the same in all ``configs``, in sorted order."""
     flat = [result_config(c) for c in configs]
     keys = sorted(set().union(*flat)) if flat else []
-    return [k for k in keys if len({json.dumps(f.get(k, "∅"), sort_keys=True, default=str) for f in flat}) > 1]
+    differing = [k for k in keys if len({json.dumps(f.get(k, "∅"), sort_keys=True, default=str) for f in flat}) > 1]
+    shown: list[str] = []
+    for key in sorted(differing, key=lambda k: (k.count("."), k)):  # the shortest name of an interpolated copy
+        if not all(key in copies_of(f, shown) for f in flat):
+            shown.append(key)
+    return sorted(shown)
+
+
+def copies_of(flat: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
+    """Keys that repeat one of ``keys`` through an interpolation (``method.optimizer.lr: ${optimizer.lr}``): same last
+    name, same value. A search over ``optimizer.lr`` varies them too, and they must not tell trials apart."""
+    keys = list(keys)
+    return [other for other in flat if other not in keys and any(
+        other.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1] and key in flat and flat[other] == flat[key] for key in keys)]
 
 
 def short_value(value: Any) -> str:

@@ -11,7 +11,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from adamerge.results.identity import fingerprint, result_config, short_value
+from adamerge.results.identity import copies_of, fingerprint, result_config, short_value
 from adamerge.search.edges import edge_warnings
 
 #: Keys a sweep varies that are not searched parameters: seeds are averaged over, never chosen.
@@ -76,7 +76,8 @@ def choose(records: Sequence[Mapping[str, Any]], keys: Sequence[str],
         return [dict(r) for r in records], []
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for record in records:
-        groups.setdefault(fingerprint(record.get("config"), ignore=keys), []).append(record)
+        ignore = [*keys, *copies_of(result_config(record.get("config")), keys)]
+        groups.setdefault(fingerprint(record.get("config"), ignore=ignore), []).append(record)
     kept: list[dict[str, Any]] = []
     searches: list[Search] = []
     for group in groups.values():
