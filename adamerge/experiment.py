@@ -18,12 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from adamerge.evaluation.accuracy import accuracies
 from adamerge.merging import check_finite
 from adamerge.methods.base import MergeContext
+from adamerge.models.export import save_merged
 from adamerge.models.head_cache import cached_heads
 from adamerge.plots.curves import adaptation_curves
 from adamerge.results import append_record, check_writable, make_record, write_record_file
 from adamerge.results.hydra_callback import RECORD_FILE
 from adamerge.runtime.distributed import raise_with_rank_failures
 from adamerge.runtime.process import start_process
+from adamerge.runtime.provenance import provenance
 from adamerge.runtime.reporting import finish_wandb, log_results, make_loggers, print_config, print_row
 from adamerge.validation import validate_run_config
 
@@ -74,7 +76,10 @@ def _run(cfg: DictConfig) -> float:
     tasks = instantiate(cfg.tasks, backbone=backbone)  # real datasets need its transform
     pool = instantiate(cfg.pool)
     names = [t.name for t in tasks]
-    theta0, finetuned = pool.load(names, backbone.visual)
+    if getattr(method, "needs_checkpoints", True):
+        theta0, finetuned = pool.load(names, backbone.visual)
+    else:  # the method brings its own weights (method=evaluate_saved): no fine-tuned checkpoint is read
+        theta0, finetuned = {k: v.detach().clone() for k, v in backbone.visual.state_dict().items()}, {}
     heads = rescale_heads(cached_heads(backbone, tasks, cfg.paths.get("cache_dir")), backbone, cfg.get("head_logit_scale"))
     check_finite(heads, "the zero-shot heads", hint="The backbone's text tower gives NaN/Inf text features; check "
                  "its weights (and delete stale heads under <cache_dir>/heads).")
@@ -93,6 +98,7 @@ def _run(cfg: DictConfig) -> float:
     for name, params in ({"merged": result.params} if result.per_task is None else result.per_task).items():
         check_finite(params, f"the {method.label} merge ({name})", hint="Its inputs were finite, so the method "
                      "diverged (e.g. a λ far outside [0, 1]); nothing is recorded.")
+    result.extra.update(save_merged(cfg, ctx, method, result))  # save_merged=true: <run_dir>/merged/ (rank 0)
     if result.per_task is not None:
         accuracy = ctx.evaluate(result.per_task, per_task=True)
     else:
@@ -133,7 +139,7 @@ def _run(cfg: DictConfig) -> float:
         extra["checkpoint_dtypes"] = dict(getattr(pool, "stored_dtypes", {}))
         record = make_record(experiment=cfg.name, method=cfg.method_name, label=method.label,
                              model=str(cfg.model_name), seed=cfg.seed, accuracy=accuracy, tasks=names, extra=extra,
-                             config=OmegaConf.to_container(cfg, resolve=True))
+                             config=OmegaConf.to_container(cfg, resolve=True), provenance=provenance(device))
         write_record_file(run_dir / RECORD_FILE, record)  # what this sweep's table reads
         append_record(records_dir / f"{cfg.name}.jsonl", record)
         print_row(method.label, accuracy)

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 OPTIMIZED_METRICS = ("test", "val")
+SAVE_DTYPES = ("stored", "float32", "float16", "bfloat16")  # save_merged_dtype: adamerge/models/export.py save_dtype
 
 
 class ConfigError(ValueError):
@@ -33,18 +34,51 @@ def check_device(device: str) -> str | None:
     """A problem with ``device``, or None: cuda requested on a host without a usable CUDA is refused."""
     import torch
 
-    if device in ("auto", "cpu"):
+    if device == "cpu":
         return None
+    if device == "auto":
+        return unusable_gpu()
     if device == "cuda" or device.startswith("cuda:"):
         if not torch.cuda.is_available():
             return (f"device={device} but CUDA is not available on this host (torch {torch.__version__}, "
-                    f"built for CUDA {torch.version.cuda or 'none'}); use device=cpu or device=auto, or install a "
-                    f"CUDA build of torch")
+                    f"built for CUDA {torch.version.cuda or 'none'}{_cuda_failure()}); use device=cpu, or install "
+                    f"the CUDA build of torch for this driver (README: 'Install on a GPU box')")
         index = device.partition(":")[2]
         if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
             return f"device={device}: this host has {torch.cuda.device_count()} CUDA device(s)"
         return None
     return f"device={device!r}: valid are auto, cpu, cuda, cuda:<index>"
+
+
+def gpu_devices() -> list[str]:
+    """NVIDIA device files of this host: a GPU is there whether or not this torch can use it."""
+    return sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
+
+
+def unusable_gpu() -> str | None:
+    """device=auto on a host with a GPU that torch cannot use: said, never silently run on the CPU instead."""
+    import torch
+
+    gpus = gpu_devices()
+    if not gpus or torch.cuda.is_available():
+        return None
+    build = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
+             else f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use it{_cuda_failure()}")
+    return (f"device=auto: this host has a GPU ({', '.join(gpus)}) but {build}. Install the CUDA build of the pinned "
+            f"torch for this driver (README: 'Install on a GPU box'), or pass device=cpu to run on the CPU on purpose")
+
+
+def _cuda_failure() -> str:
+    """Why CUDA did not initialise, in torch's words (driver too old, no driver, …)."""
+    import torch
+
+    if torch.version.cuda is None:
+        return ""
+    try:
+        torch.cuda.init()
+    except Exception as error:  # noqa: BLE001 - any reason torch gives is the one to show
+        return f": {str(error).strip().splitlines()[0]}"
+    return ""
 
 
 #: Config targets of the embedded offline world: its tasks and checkpoints exist only for its own CLIP.
@@ -135,6 +169,12 @@ def validate_run_config(cfg: DictConfig) -> None:
                         "afresh: give the interrupted run's <run>/checkpoints/last.ckpt")
     elif path and not Path(str(path)).is_file():
         problems.append(f"ckpt_path={path}: no such file (give a run's checkpoints/last.ckpt)")
+    save = cfg.get("save_merged", False)
+    if not isinstance(save, bool):
+        problems.append(f"save_merged={save!r}: must be true or false")
+    dtype = cfg.get("save_merged_dtype", "stored")
+    if dtype not in SAVE_DTYPES:
+        problems.append(f"save_merged_dtype={dtype!r}: valid are {', '.join(SAVE_DTYPES)}")
     method = cfg.get("method") or {}
     coefficients = method.get("coefficients") if isinstance(method, DictConfig) else None
     if coefficients and not Path(str(coefficients)).is_file():

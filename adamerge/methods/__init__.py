@@ -11,7 +11,8 @@ from adamerge.methods.dare import Dare
 from adamerge.methods.extrapolation import ExPO, ExtrapolationMerging
 from adamerge.methods.fisher import FisherMerging
 from adamerge.methods.regmean import RegMean
+from adamerge.methods.saved import EvaluateSaved
 from adamerge.methods.scaled import TaskArithmetic, Ties
 
-__all__ = ["AdaMerging", "Dare", "ExPO", "ExtrapolationMerging", "FisherMerging", "Individual", "IndividualBest", "MergeContext",
+__all__ = ["AdaMerging", "Dare", "EvaluateSaved", "ExPO", "ExtrapolationMerging", "FisherMerging", "Individual", "IndividualBest", "MergeContext",
            "MergeResult", "Pretrained", "RegMean", "TaskArithmetic", "Ties", "WeightAveraging"]

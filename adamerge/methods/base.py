@@ -93,6 +93,7 @@ class Method:
 
     label = "Method"
     models_taken: tuple[int, int | None] = (1, None)  # (min, max) models weights_merger takes
+    needs_checkpoints = True  # False: the method brings its own weights (evaluate_saved); the pool is not read
 
     def run(self, ctx: MergeContext) -> MergeResult:  # pragma: no cover - interface
         raise NotImplementedError

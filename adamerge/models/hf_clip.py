@@ -178,6 +178,36 @@ def hf_clip_to_open_clip(state: StateDict, source: str = "checkpoint") -> StateD
     return out
 
 
+_OPEN_CLIP_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$")
+_IN_PROJ = re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
+
+
+def open_clip_to_hf_vision(state: StateDict, source: str = "state dict") -> StateDict:
+    """The inverse of :func:`hf_vision_to_open_clip`: an open_clip ``visual`` state dict as the tensors of a
+    transformers ``CLIPVisionModelWithProjection`` (``vision_model.*`` + ``visual_projection.weight``), so a tower
+    merged in open_clip's layout can be saved for ``from_pretrained``. ``in_proj`` is split back into q/k/v."""
+    vision = {v: k for k, v in _VISION.items()}
+    block = {v: k for k, v in _BLOCK.items()}
+    out, unexpected = {}, []
+    for key, value in state.items():
+        match = _OPEN_CLIP_BLOCK.match(key)
+        if key in vision:
+            out[f"vision_model.{vision[key]}"] = value
+        elif key == "proj":
+            out["visual_projection.weight"] = value.t().contiguous()
+        elif match and match.group(2) in block:
+            out[f"vision_model.encoder.layers.{match.group(1)}.{block[match.group(2)]}.{match.group(3)}"] = value
+        elif (fused := _IN_PROJ.match(key)):
+            for name, part in zip(_QKV, value.chunk(3, dim=0)):
+                out[f"vision_model.encoder.layers.{fused.group(1)}.self_attn.{name}.{fused.group(2)}"] = part.contiguous()
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise HFCheckpointError(f"{source}: {len(unexpected)} tensor(s) have no transformers CLIP counterpart: "
+                                f"{_listing(unexpected)} (only a plain open_clip ViT tower converts)")
+    return out
+
+
 # ---- files and folders --------------------------------------------------------------------------------
 
 def _weight_files(folder: Path) -> list[Path]:

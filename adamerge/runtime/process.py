@@ -17,8 +17,14 @@ QUIET_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"Using ModelCheckpoint
 
 
 def resolve_device(name: str) -> str:
-    """``auto`` → ``cuda`` when available, else ``cpu``; other names as given (validated beforehand)."""
+    """``auto`` → ``cuda`` when available, else ``cpu`` — unless the host has a GPU this torch cannot use, which is
+    an error naming why (a run never falls back to the CPU unasked); other names as given (validated beforehand)."""
     if name == "auto":
+        from adamerge.validation import ConfigError, unusable_gpu
+
+        problem = unusable_gpu()
+        if problem:
+            raise ConfigError(problem)
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
 
