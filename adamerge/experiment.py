@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from adamerge.adaptation.module import METRICS_FILE
 from adamerge.evaluation.accuracy import accuracies
 from adamerge.merging import check_finite
 from adamerge.methods.base import MergeContext
@@ -71,7 +72,7 @@ def _run(cfg: DictConfig) -> float:
         print_config(cfg)
 
     method = instantiate(cfg.method)  # invalid method options fail here, before loading anything
-    loggers = make_loggers(cfg)  # early too: a logger that cannot start (W&B without a key) fails before loading
+    loggers = make_loggers(cfg, device)  # early too: a logger that cannot start (W&B without a key) fails before loading
     backbone = instantiate(cfg.model)
     tasks = instantiate(cfg.tasks, backbone=backbone)  # real datasets need its transform
     pool = instantiate(cfg.pool)
@@ -121,13 +122,13 @@ def _run(cfg: DictConfig) -> float:
         result.extra["val_accuracy"] = val_accuracy
 
     if rank_zero_only.rank == 0:
-        metrics_csv = run_dir / "csv" / "metrics.csv"
+        metrics_csv = run_dir / METRICS_FILE  # the adaptation's own log: whatever loggers, whole after a resume
         if result.steps is not None and metrics_csv.exists():
             curves = adaptation_curves(metrics_csv, run_dir / "curves.png", title=method.label)
             if curves is not None:
                 result.figures["curves"] = str(curves)
         log_results(loggers, accuracy, step=result.steps or 0, images=dict(result.figures),
-                    trained=result.steps is not None, unseen=result.extra.get("unseen_accuracy"))
+                    trained=result.steps is not None, unseen=result.extra.get("unseen_accuracy"), label=method.label)
         extra = dict(result.extra)
         if result.steps is not None:
             extra["steps"] = result.steps

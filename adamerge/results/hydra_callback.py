@@ -129,10 +129,32 @@ class ResultsTable(Callback):
                 reference = OmegaConf.to_container(config.reference, resolve=True)
             table = build_table(keep_latest(records), row_order=order, reference=reference)
             print_table(table)
+            if not partial:
+                summarise_on_wandb(config, name, sweep_dir, table)
             stem = results_dir / "tables" / (f"{name}.partial" if partial else name)
             for path in write_tables(table, stem):
                 log.info("wrote %s", path)
             copy_figures(runs, results_dir / "figures" / name)
+
+
+def summarise_on_wandb(config: DictConfig, name: str, sweep_dir: Path, table) -> None:
+    """With a W&B logger configured, the sweep's table as a W&B Table in a ``summary`` run of the sweep's group
+    (the group its jobs used). A failure here is reported; the table on disk is already written."""
+    loggers = OmegaConf.select(config, "logger", default=None) or {}
+    conf = next((c for c in loggers.values() if c is not None and str(c.get("_target_", "")).endswith("WandbLogger")),
+                None)
+    if conf is None:
+        return
+    from adamerge.runtime.reporting import log_sweep_summary_wandb, sweep_group
+
+    try:
+        folder = log_sweep_summary_wandb(table, conf.get("group") or sweep_group(name, sweep_dir),
+                                         project=conf.get("project") or "adamerge", entity=conf.get("entity"),
+                                         save_dir=sweep_dir, offline=bool(conf.get("offline", False)),
+                                         tags=["summary", name])
+        log.info("sweep table logged to W&B (%s)", folder)
+    except Exception as err:  # noqa: BLE001 - the dashboard is extra; the table files are the result
+        log.warning("could not log the sweep table to W&B: %s", err)
 
 
 def sweeper_disagreement(sweep_dir: Path, search) -> list[str]:
