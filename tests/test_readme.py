@@ -37,3 +37,24 @@ def test_the_add_a_method_example_runs_and_equals_weight_averaging_at_lambda_one
     assert mine["label"] == "Mean Task Arithmetic" and averaged["label"] == "Weight Averaging"
     for task, value in averaged["accuracy"].items():  # θ₀ + (1/K) Σ (θₖ − θ₀) = (1/K) Σ θₖ, up to rounding
         assert abs(mine["accuracy"][task] - value) <= 1 / 128 + 1e-9, task
+
+
+def test_the_research_loop_commands_compose_from_the_config_tree():
+    """Every `adamerge …` line of "The research loop" names options that exist (composed as the CLI would)."""
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    import adamerge
+
+    code = blocks("The research loop: a sweep, its table, its dashboards, the merged model")["bash"]
+    commands = [shlex.split(line.split("#")[0].replace("<run>", "RUN")) for line in code.splitlines()
+                if line.startswith("adamerge ")]
+    assert len(commands) >= 4
+    for words in commands:
+        overrides = [w for w in words[1:] if w != "-m"]
+        cfg = adamerge.compose(overrides)
+        for override in overrides:
+            key, _, value = override.partition("=")
+            if "," not in value and "." in key:  # a plain value: it reached the composed config
+                assert OmegaConf.select(cfg, key) is not None, override
