@@ -152,3 +152,19 @@ def test_an_optuna_search_table_shows_the_trial_optuna_chose_with_its_parameters
     rows = [line for line in table.splitlines()[2:] if line.startswith("| ")]
     assert len(rows) == 1 and f"optimizer.lr={best['config']['optimizer']['lr']:g}" in rows[0]
     assert f"val {100 * val[best['run_id']]:.1f}]" in rows[0] and rows[0].rstrip(" |").endswith(f"{100 * best['avg']:.1f}")
+
+
+def test_a_sweep_whose_table_cannot_be_built_fails_instead_of_exiting_0(tmp_path):
+    """Hydra turns a callback's exception into a warning; the table's builder must not let a sweep end 'fine'."""
+    from hydra import compose, initialize_config_dir
+
+    from adamerge.results.hydra_callback import RECORD_FILE, ResultsTable
+    from adamerge.runtime.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = compose("config", overrides=[f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                                              f"paths.results_dir={tmp_path / 'results'}"], return_hydra_config=True)
+    (tmp_path / "sweep" / "0").mkdir(parents=True)
+    (tmp_path / "sweep" / "0" / RECORD_FILE).write_text('{"label": "torn"')
+    with pytest.raises(SystemExit, match="no table for this sweep.*record.json"):
+        ResultsTable().on_multirun_end(config)

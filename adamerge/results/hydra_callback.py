@@ -73,7 +73,12 @@ class ResultsTable(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         self._finished = True
-        self.write(config, partial=False)
+        try:
+            self.write(config, partial=False)
+        except Exception as err:  # Hydra would turn it into a warning and exit 0: a sweep without its table failed
+            log.error("the sweep's jobs finished and kept their records (run folders, results/raw), but its table "
+                      "could not be built: %s", err)
+            raise SystemExit(f"adamerge: no table for this sweep: {err}") from err
 
     def _stopped_early(self, config: DictConfig) -> None:
         if self._finished:
