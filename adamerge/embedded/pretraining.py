@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from adamerge.finetuning.schedule import decay_groups, warmup_cosine
+from adamerge.runtime.progress import progress
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learnt temperature at 100
@@ -127,6 +128,7 @@ def pretrain_clip(clip: torch.nn.Module, tokenizer: Callable, vocabulary: list[s
     optimizer = torch.optim.AdamW(decay_groups(clip, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     schedule = warmup_cosine(optimizer, config.steps, config.warmup_steps)
     losses, start = [], time.perf_counter()
+    bar = progress(total=config.steps, desc="pre-training CLIP", unit="step")
     try:
         for step in range(config.steps):
             images, captions, meanings = batches(config.batch_size)
@@ -139,10 +141,13 @@ def pretrain_clip(clip: torch.nn.Module, tokenizer: Callable, vocabulary: list[s
             with torch.no_grad():
                 clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             losses.append(loss.item())
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
+            bar.update(1)
             if (step + 1) % max(1, config.steps // 5) == 0:
                 log.info("pre-training step %d/%d  loss %.3f  logit scale %.1f  (%.1f s)", step + 1, config.steps,
                          sum(losses[-20:]) / len(losses[-20:]), clip.logit_scale.exp().item(), time.perf_counter() - start)
     finally:
+        bar.close()
         compact.write_back(full_embedding)
         clip.token_embedding = full_embedding
         clip.eval().requires_grad_(False)

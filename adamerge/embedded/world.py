@@ -38,6 +38,7 @@ from adamerge.models.backbone import Backbone, load_open_clip
 from adamerge.models.checkpoints import save_state_dict
 from adamerge.models.pool import CheckpointPool
 from adamerge.runtime.process import QUIET_WARNINGS
+from adamerge.runtime.progress import progress
 from adamerge.models.heads import zero_shot_head
 from adamerge.io import save_atomic, write_text_atomic
 
@@ -101,7 +102,7 @@ def _build(world: Path, config: WorldPreset, seed: int) -> None:
     try:
         t = time.perf_counter()
         torch.manual_seed(seed)
-        backbone = load_open_clip(config.arch)
+        backbone = load_open_clip(config.arch, weights_follow=True)  # pre-trained below
         mean, std = _normalizer(backbone)
         size = backbone.image_size
         data = {spec.name: make_task_splits(spec, config.split_sizes, size, seed) for spec in TASK_SPECS}
@@ -130,9 +131,11 @@ def _build(world: Path, config: WorldPreset, seed: int) -> None:
         heads = {spec.name: zero_shot_head(backbone, spec.classnames, spec.templates) for spec in TASK_SPECS}
         results: dict[str, dict] = {}
         finetuned: dict[str, dict[str, torch.Tensor]] = {}
-        for index, spec in enumerate(TASK_SPECS):
-            finetuned[spec.name], results[spec.name] = _finetune_task(world, config, spec, index, backbone, heads[spec.name],
-                                                                      splits[spec.name], seed)
+        total_steps = sum(_task_steps(config, spec) for spec in TASK_SPECS)
+        with progress(total=total_steps, desc="fine-tuning tasks", unit="step") as bar:
+            for index, spec in enumerate(TASK_SPECS):
+                finetuned[spec.name], results[spec.name] = _finetune_task(
+                    world, config, spec, index, backbone, heads[spec.name], splits[spec.name], seed, bar)
         stage("fine-tuning " + ", ".join(f"{n} {r['finetune_seconds']:.1f}s" for n, r in results.items()), t)
 
         t = time.perf_counter()
@@ -167,18 +170,38 @@ def _quiet_lightning():
             lightning_log.setLevel(level)
 
 
+class _SharedStepsBar(L.Callback):
+    """Advances one bar by each optimiser step, so a single bar (and ETA) spans every task's fine-tuning."""
+
+    def __init__(self, bar, task: str):
+        self.bar, self.task, self.seen = bar, task, 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.seen = trainer.global_step
+        self.bar.set_postfix(task=self.task, refresh=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.bar.update(trainer.global_step - self.seen)
+        self.seen = trainer.global_step
+
+
+def _task_steps(config: WorldPreset, spec: TaskSpec) -> int:
+    return config.finetune_steps.get(spec.name, config.finetune.max_steps)
+
+
 def _finetune_task(world: Path, config: WorldPreset, spec: TaskSpec, index: int, backbone: Backbone,
-                   head: torch.Tensor, splits: dict[str, TensorImages], seed: int) -> tuple[dict, dict]:
+                   head: torch.Tensor, splits: dict[str, TensorImages], seed: int, bar=None) -> tuple[dict, dict]:
     """Fine-tune one task's vision tower by the one fine-tuning path (adamerge-finetune's); save θₖ and the
-    best-two-by-val checkpoints; measure."""
-    steps = config.finetune_steps.get(spec.name, config.finetune.max_steps)
+    best-two-by-val checkpoints; measure. ``bar``: the build's fine-tuning bar, advanced per step."""
+    steps = _task_steps(config, spec)
     recipe = replace(config.finetune, max_steps=steps, warmup_steps=max(1, steps // 10))
     task = Task(spec.name, list(spec.classnames), list(spec.templates), dict(splits))
 
-    def make_trainer(**kwargs):
+    def make_trainer(callbacks=(), **kwargs):
+        extra = [_SharedStepsBar(bar, spec.name)] if bar is not None else []
         return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=recipe.grad_clip_norm,
-                         **kwargs)
+                         callbacks=[*callbacks, *extra], **kwargs)
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"finetune-{spec.name}-") as ckpt_dir, _quiet_lightning():

@@ -42,6 +42,7 @@ def _run(cfg: DictConfig) -> float:
 
     from adamerge.finetuning.lightning import export_finetuned, finetune_task
     from adamerge.runtime.process import start_process
+    from adamerge.runtime.progress_bar import StepProgressBar
     from adamerge.runtime.reporting import make_loggers, print_config
     from adamerge.models.head_cache import cached_heads
     from adamerge.results.records import ResultsDirError, check_writable
@@ -85,8 +86,9 @@ def _run(cfg: DictConfig) -> float:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     loggers = make_loggers(cfg)
 
-    def make_trainer(**kwargs):
-        return instantiate(cfg.trainer, logger=loggers or False, **kwargs)
+    def make_trainer(callbacks=(), **kwargs):  # a bar over the run's steps (Lightning's counts an epoch's batches)
+        bar = [StepProgressBar(f"fine-tuning {name}")] if cfg.trainer.get("enable_progress_bar", True) else []
+        return instantiate(cfg.trainer, logger=loggers or False, callbacks=[*callbacks, *bar], **kwargs)
 
     outcome = finetune_task(backbone.visual, head, task, recipe, seed=int(cfg.seed), ckpt_dir=ckpt_dir,
                             make_trainer=make_trainer, epochs=epochs, ckpt_path=ckpt_path, device=process.device)

@@ -81,7 +81,8 @@ def _search(score, method, models, candidates) -> tuple[dict, dict]:
         trace.append({**point, "val": scores, "val_mean": mean(scores)})
         return mean(scores)
 
-    found = local_search(objective, start, step, bounds, budget=method.budget, min_step=method.min_step)
+    found = local_search(objective, start, step, bounds, budget=method.budget, min_step=method.min_step,
+                         desc=f"{method.label} search")
     warnings = bound_warnings(found.best, bounds or {})
     log.info("%s: %s chosen on val (val mean %.1f, %d evaluations)", method.label,
              ", ".join(f"{k}={v:g}" for k, v in found.best.items()), 100 * found.value, found.evaluations)

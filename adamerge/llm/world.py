@@ -25,6 +25,7 @@ import torch
 from filelock import FileLock
 
 from adamerge.llm.tasks import TASKS, make_splits, pretraining_text, write_jsonl
+from adamerge.runtime.progress import progress
 
 log = logging.getLogger(__name__)
 VERSION = 2  # bump when the tasks, the tokenizer or the training change: cached worlds are rebuilt
@@ -104,7 +105,37 @@ class _Examples(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def _trainer(model, tokenizer, train, val, out: Path, train_cfg: Mapping, seed: int, save: bool):
+def _steps_bar(desc: str):
+    """A Trainer callback drawing one :func:`~adamerge.runtime.progress.progress` bar over the training steps.
+
+    Used instead of transformers' own tqdm (``disable_tqdm=True``), which redraws every step even in a log
+    file; this one follows adamerge's bar rules (stderr, rank 0, ``ADAMERGE_PROGRESS=0``, calm off a terminal).
+    """
+    from transformers import TrainerCallback
+
+    class StepsBar(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = progress(total=state.max_steps, desc=desc, unit="step", initial=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return StepsBar()
+
+
+def _trainer(model, tokenizer, train, val, out: Path, train_cfg: Mapping, seed: int, save: bool, desc: str):
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
 
     every = int(train_cfg.get("eval_steps", 0)) or None
@@ -115,10 +146,10 @@ def _trainer(model, tokenizer, train, val, out: Path, train_cfg: Mapping, seed: 
         eval_strategy="steps" if (val is not None and every) else "no", eval_steps=every,
         save_strategy="steps" if save else "no", save_steps=every, save_only_model=True, save_safetensors=True,
         logging_steps=every or 50, report_to=[], log_level="error", use_cpu=not torch.cuda.is_available(), seed=seed, data_seed=seed,
-        dataloader_num_workers=0, disable_tqdm=True, prediction_loss_only=True)
+        dataloader_num_workers=0, disable_tqdm=True, prediction_loss_only=True)  # our bar instead: _steps_bar
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val, data_collator=collator,
-                      processing_class=tokenizer)
+                      processing_class=tokenizer, callbacks=[_steps_bar(desc)])
     trainer.remove_callback(PrinterCallback)  # the losses go to trainer_state.json, not to stdout
     return trainer
 
@@ -147,7 +178,7 @@ def build_base(folder: Path, spec: Mapping) -> dict:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
         trainer = _trainer(model, tokenizer, _Examples(tokenizer, [(line, None) for line in corpus]), None,
-                           tmp / "pretraining", spec["pretrain"], seed, save=False)
+                           tmp / "pretraining", spec["pretrain"], seed, save=False, desc="LLM world: pre-training")
         trainer.train()
         model.save_pretrained(tmp / "base", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "base")
@@ -171,7 +202,7 @@ def build_sft(folder: Path, base: Path, data: Path, spec: Mapping, seed: int) ->
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(base)
         trainer = _trainer(model, tokenizer, _Examples(tokenizer, rows["train"]), _Examples(tokenizer, rows["val"]),
-                           tmp, spec["sft"], seed, save=True)
+                           tmp, spec["sft"], seed, save=True, desc=f"LLM world: SFT seed {seed}")
         trainer.train()
         checkpoints = sorted(p.name for p in tmp.glob("checkpoint-*"))
         return {"kind": "llm_world_sft", "seed": seed, "checkpoints": checkpoints,

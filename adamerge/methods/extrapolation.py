@@ -116,7 +116,7 @@ class _ExtrapolateThenMerge(Method):
                 score = task_score(ctx, name, self.objective)
                 start, step, bounds = self.search_space()
                 found = local_search(lambda p: score(self.model(ctx, name, p)), start, step, bounds,
-                                     budget=self.budget, min_step=self.min_step)
+                                     budget=self.budget, min_step=self.min_step, desc=f"{self.label}: {name}")
                 point = found.best
                 warnings = bound_warnings(point, bounds or {})
                 for warning in warnings:

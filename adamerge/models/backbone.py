@@ -6,6 +6,8 @@ heads through the same code path real CLIP uses.
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,6 +15,7 @@ from typing import Callable
 import open_clip
 import torch
 
+log = logging.getLogger(__name__)
 _ARCH_DIR = Path(__file__).parent / "architectures"
 _registered = False
 
@@ -68,13 +71,33 @@ class PretrainedWeightsUnavailable(RuntimeError):
     """Raised instead of letting a download hang on an offline machine."""
 
 
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip's "No pretrained weights loaded … initialized randomly" (logged on the root logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextmanager
+def _no_random_init_warning(active: bool):
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    if active:
+        root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def load_open_clip(arch: str, pretrained: str | None = None, cache_dir: str | None = None,
-                   weights: str | None = None) -> Backbone:
+                   weights: str | None = None, weights_follow: bool = False) -> Backbone:
     """Build ``arch`` with open_clip; weights from a pretrained tag, a local file, or none (random).
 
     ``weights`` (a local ``.safetensors``/open_clip checkpoint of the *full* CLIP model) wins over
     ``pretrained``. With a tag on an offline machine, a missing cached file fails at once and says
-    what to download and where to put it.
+    what to download and where to put it. ``weights_follow=True``: the caller loads or trains the weights
+    right after (the embedded world's pre-training, a transformers conversion), so open_clip's warning
+    that the model is "initialized randomly" would mislead; a debug line says so instead.
     """
     register_architectures()
     known = open_clip.list_models()
@@ -82,8 +105,9 @@ def load_open_clip(arch: str, pretrained: str | None = None, cache_dir: str | No
         raise ValueError(f"unknown open_clip architecture {arch!r}; known: {', '.join(known)}")
     source = weights if weights is not None else pretrained
     try:
-        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=source, cache_dir=cache_dir)
+        with _no_random_init_warning(weights_follow and source is None):
+            model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=source, cache_dir=cache_dir)
     except Exception as err:  # open_clip raises several types for "could not fetch"
         if pretrained and weights is None:
             raise PretrainedWeightsUnavailable(
@@ -95,6 +119,10 @@ def load_open_clip(arch: str, pretrained: str | None = None, cache_dir: str | No
                 f"or pass model.weights=/path/to/open_clip_checkpoint."
             ) from err
         raise
+    if weights is not None:
+        log.info("open_clip %s: weights loaded from %s", arch, weights)
+    elif source is None and weights_follow:
+        log.debug("open_clip %s: initial weights, to be trained or loaded by the caller", arch)
     model.eval().requires_grad_(False)
     return Backbone(name=arch, clip=model, tokenizer=open_clip.get_tokenizer(arch), preprocess=preprocess,
                     preprocess_train=preprocess_train)

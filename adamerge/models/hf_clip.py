@@ -495,7 +495,7 @@ def load_hf_clip(source: str, arch: str, hub_cache_dir: str | None = None, downl
     from adamerge.models.backbone import load_open_clip
 
     folder = resolve_hf_source(source, hub_cache_dir, download)
-    backbone = load_open_clip(arch)
+    backbone = load_open_clip(arch, weights_follow=True)  # the CLIPModel's weights replace them below
     config_path = (folder if folder.is_dir() else folder.parent) / "config.json"
     if config_path.exists():
         act = json.loads(config_path.read_text()).get("vision_config", {}).get("hidden_act", "quick_gelu")

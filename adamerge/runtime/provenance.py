@@ -90,13 +90,22 @@ def command_line() -> dict[str, Any]:
     out: dict[str, Any] = {"argv": list(sys.argv)}
     try:
         from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+    except ImportError:
+        return out
+    if HydraConfig.initialized():  # fields Hydra's runtime has not filled (compose without a run) stay None
+        hydra = HydraConfig.get()
 
-        if HydraConfig.initialized():
-            hydra = HydraConfig.get()
-            out.update(overrides=list(hydra.overrides.task), output_dir=hydra.runtime.output_dir,
-                       job_name=hydra.job.name, sweep_dir=hydra.sweep.dir if hydra.mode.name == "MULTIRUN" else None)
-    except (ImportError, ValueError, AttributeError):
-        pass
+        def get(key: str):
+            try:
+                value = OmegaConf.select(hydra, key, default=None, throw_on_missing=False)
+                return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            except Exception:  # noqa: BLE001 - an unresolvable interpolation: unknown, not an error of the run
+                return None
+
+        multirun = str(get("mode")) in ("MULTIRUN", "RunMode.MULTIRUN")
+        out.update(overrides=list(get("overrides.task") or []), output_dir=get("runtime.output_dir"),
+                   job_name=get("job.name"), sweep_dir=get("sweep.dir") if multirun else None)
     return out
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+from adamerge.runtime.progress import progress
+
 
 @dataclass
 class SearchResult:
@@ -22,8 +24,13 @@ class SearchResult:
 
 def local_search(objective: Callable[[dict[str, float]], float], start: Mapping[str, float],
                  step: Mapping[str, float], bounds: Mapping[str, tuple[float, float]] | None = None,
-                 budget: int = 30, min_step: float = 1e-3, maximize: bool = True) -> SearchResult:
-    """Find a local optimum of ``objective`` over the coordinates of ``start`` within ``budget`` calls."""
+                 budget: int = 30, min_step: float = 1e-3, maximize: bool = True,
+                 desc: str | None = None) -> SearchResult:
+    """Find a local optimum of ``objective`` over the coordinates of ``start`` within ``budget`` calls.
+
+    A bar (``desc``, default "local search") counts evaluations against the budget, as each is a full
+    evaluation of a merged model; a search that converges early ends its bar at the count it used.
+    """
     if budget < 1:
         raise ValueError(f"budget must be at least 1 evaluation, got {budget}")
     missing = set(start) - set(step)
@@ -36,6 +43,7 @@ def local_search(objective: Callable[[dict[str, float]], float], start: Mapping[
     sign = 1.0 if maximize else -1.0
     cache: dict[tuple, float] = {}
     history: list[tuple[dict[str, float], float]] = []
+    bar = progress(total=budget, desc=desc or "local search", unit="evaluation")
 
     def clip(name: str, value: float) -> float:
         lo, hi = bounds.get(name, (float("-inf"), float("inf")))
@@ -48,28 +56,32 @@ def local_search(objective: Callable[[dict[str, float]], float], start: Mapping[
                 return None
             cache[key] = float(objective(dict(point)))
             history.append((dict(point), cache[key]))
+            bar.set_postfix(best=f"{sign * max(sign * v for v in cache.values()):.4g}", refresh=False)
+            bar.update(1)
         return cache[key]
 
-    best = {k: clip(k, float(v)) for k, v in start.items()}
-    best_value = evaluate(best)
-    steps = {k: float(step[k]) for k in start}
-    while len(cache) < budget and any(s >= min_step for s in steps.values()):
-        candidate, candidate_value = None, best_value
-        for name in best:
-            if steps[name] < min_step:
-                continue
-            for direction in (1.0, -1.0):
-                point = dict(best)
-                point[name] = clip(name, best[name] + direction * steps[name])
-                if point[name] == best[name]:
+    with bar:
+        best = {k: clip(k, float(v)) for k, v in start.items()}
+        best_value = evaluate(best)
+        steps = {k: float(step[k]) for k in start}
+        while len(cache) < budget and any(s >= min_step for s in steps.values()):
+            candidate, candidate_value = None, best_value
+            for name in best:
+                if steps[name] < min_step:
                     continue
-                value = evaluate(point)
-                if value is None:
-                    break
-                if sign * value > sign * candidate_value:
-                    candidate, candidate_value = point, value
-        if candidate is None:
-            steps = {k: s / 2 for k, s in steps.items()}
-        else:
-            best, best_value = candidate, candidate_value
+                for direction in (1.0, -1.0):
+                    point = dict(best)
+                    point[name] = clip(name, best[name] + direction * steps[name])
+                    if point[name] == best[name]:
+                        continue
+                    value = evaluate(point)
+                    if value is None:
+                        break
+                    if sign * value > sign * candidate_value:
+                        candidate, candidate_value = point, value
+            if candidate is None:
+                steps = {k: s / 2 for k, s in steps.items()}
+            else:
+                best, best_value = candidate, candidate_value
+        bar.total = len(cache)  # converged before the budget: the bar ends full at the evaluations used
     return SearchResult(best=best, value=best_value, evaluations=len(cache), history=history)
