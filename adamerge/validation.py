@@ -169,6 +169,9 @@ def validate_run_config(cfg: DictConfig) -> None:
                         "afresh: give the interrupted run's <run>/checkpoints/last.ckpt")
     elif path and not Path(str(path)).is_file():
         problems.append(f"ckpt_path={path}: no such file (give a run's checkpoints/last.ckpt)")
+    for flag in ("table_history", "search_reevaluate"):
+        if not isinstance(cfg.get(flag, False), bool):
+            problems.append(f"{flag}={cfg.get(flag)!r}: must be true or false")
     save = cfg.get("save_merged", False)
     if not isinstance(save, bool):
         problems.append(f"save_merged={save!r}: must be true or false")

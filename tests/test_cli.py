@@ -102,14 +102,6 @@ def test_parallel_launcher_runs_two_jobs(tmp_path, embedded_cache):
     assert "Task Arithmetic (λ=0.3)" in (tmp_path / "results" / "tables" / "smoke.md").read_text()
 
 
-def test_lambda_grid_returns_validation_accuracy(tmp_path, embedded_cache):
-    adamerge(["hparams_search=lambda_grid", "experiment=smoke", "name=grid", "threads=1", "method.lam=0.0,0.5"],
-             tmp_path, embedded_cache)
-    rows = records(tmp_path, "grid")
-    assert [r["extra"]["lambda"] for r in rows] == [0.0, 0.5]
-    assert all(set(r["extra"]["val_accuracy"]) == set(r["tasks"]) for r in rows)
-
-
 def test_tensorboard_logger_writes_event_file(tmp_path, embedded_cache):
     adamerge(["experiment=smoke", "threads=1", "logger=tensorboard"], tmp_path, embedded_cache)
     (record,) = records(tmp_path, "smoke")
@@ -117,16 +109,6 @@ def test_tensorboard_logger_writes_event_file(tmp_path, embedded_cache):
     assert events
     data = b"".join(e.read_bytes() for e in events)
     assert b"entropy/digits" in data and b"test_acc/avg" in data
-
-
-def test_optuna_search_runs_two_trials_on_validation_accuracy(tmp_path, embedded_cache):
-    adamerge(["hparams_search=optuna_adamerging", "experiment=smoke", "hydra.sweeper.n_trials=2", "threads=1"],
-             tmp_path, embedded_cache)
-    rows = records(tmp_path, "optuna_adamerging")
-    assert len(rows) == 2 and all("val_accuracy" in r["extra"] for r in rows)
-    assert rows[0]["config"]["optimizer"]["lr"] != rows[1]["config"]["optimizer"]["lr"]
-    (best,) = (tmp_path / "multirun" / "optuna_adamerging").glob("*/optimization_results.yaml")
-    assert "optimizer.lr" in best.read_text()
 
 
 def test_tensorboard_logger_for_a_method_without_training(tmp_path, embedded_cache):

@@ -115,8 +115,10 @@ def test_a_lambda_sweep_table_shows_this_sweep_only_and_the_lambda_chosen_on_val
     report = (tmp_path / "results" / "tables" / "smoke.search.md").read_text()
     assert report.count("✓") == 1 and len([line for line in report.splitlines() if line.startswith("| ")]) == 4
     assert ("edge of its grid" in done.stdout + done.stderr) == (best in (0.0, 1.0))
+    assert [r["extra"]["lambda"] for r in runs] == [0.0, 0.5, 1.0]  # each job returned and recorded its val score
+    assert all(set(r["extra"]["val_accuracy"]) == set(r["tasks"]) for r in runs)
     # table_history=true brings the older sweep back, as its own row
-    adamerge([*base, "method.lam=0.0,0.5,1.0", "table_history=true"], tmp_path, embedded_cache)
+    adamerge([*base, "method.lam=0.5", "table_history=true"], tmp_path, embedded_cache)
     assert "λ=0.9" in (tmp_path / "results" / "tables" / "smoke.md").read_text()
 
 
@@ -143,7 +145,9 @@ def test_an_optuna_search_table_shows_the_trial_optuna_chose_with_its_parameters
 
     adamerge(["experiment=smoke", "hparams_search=optuna_adamerging", "hydra.sweeper.n_trials=3", "threads=1",
               "method=adamerging_taskwise", "print_config=false"], tmp_path, embedded_cache)
-    runs = records(tmp_path, "optuna_adamerging")
+    everything = records(tmp_path, "optuna_adamerging")
+    runs = [r for r in everything if "/reevaluated/" not in r["extra"]["run_dir"]]
+    assert len(runs) == 3 and len({r["config"]["optimizer"]["lr"] for r in runs}) == 3
     val = {r["run_id"]: sum(r["extra"]["val_accuracy"].values()) / len(r["tasks"]) for r in runs}
     best = max(runs, key=lambda r: val[r["run_id"]])
     (optuna,) = (tmp_path / "multirun" / "optuna_adamerging").glob("*/optimization_results.yaml")
@@ -152,6 +156,11 @@ def test_an_optuna_search_table_shows_the_trial_optuna_chose_with_its_parameters
     rows = [line for line in table.splitlines()[2:] if line.startswith("| ")]
     assert len(rows) == 1 and f"optimizer.lr={best['config']['optimizer']['lr']:g}" in rows[0]
     assert f"val {100 * val[best['run_id']]:.1f}]" in rows[0] and rows[0].rstrip(" |").endswith(f"{100 * best['avg']:.1f}")
+    (again,) = [r for r in everything if "/reevaluated/" in r["extra"]["run_dir"]]  # the chosen trial, run again
+    assert again["accuracy"] == best["accuracy"] and again["seed"] == best["seed"]
+    assert again["config"]["optimizer"]["lr"] == best["config"]["optimizer"]["lr"]
+    report = (tmp_path / "results" / "tables" / "optuna_adamerging.search.md").read_text()
+    assert "re-evaluated: the chosen trial (seed 0) run again" in report and "same test accuracy" in report
 
 
 def test_a_sweep_whose_table_cannot_be_built_fails_instead_of_exiting_0(tmp_path):

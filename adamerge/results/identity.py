@@ -15,7 +15,7 @@ NOT_RESULT_KEYS = ("seed", "name", "paths", "logger", "callbacks", "print_config
                    "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy",
                    "trainer.default_root_dir", "trainer.log_every_n_steps", "trainer.enable_progress_bar",
                    "method_name", "model_name", "reference", "method.reuse_host_memory", "method.label",
-                   "save_merged", "save_merged_dtype")
+                   "save_merged", "save_merged_dtype", "search_reevaluate")
 
 
 def result_config(config: Mapping[str, Any] | None, ignore: Iterable[str] = ()) -> dict[str, Any]:

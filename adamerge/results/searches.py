@@ -32,6 +32,7 @@ class Search:
     trials: list[Trial]
     chosen: Trial
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def label(self) -> str:
         """The table row: the chosen trial's label, the values it was chosen with and its val score."""
@@ -48,7 +49,7 @@ class Search:
             cells += ["–" if trial.val is None else f"{100 * trial.val:.1f}", f"{100 * trial.test:.1f}",
                       str(len(trial.records)), "✓" if trial is self.chosen else ""]
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", *(f"> warning: {w}" for w in self.warnings)]
+        lines += ["", *(f"> {n}" for n in self.notes), *(f"> warning: {w}" for w in self.warnings)]
         return "\n".join(lines).rstrip() + "\n"
 
 
