@@ -16,6 +16,7 @@ import sys
 from typing import Iterable
 
 from tqdm import tqdm  # a dependency of Lightning's
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 ENV = "ADAMERGE_PROGRESS"
 LOG_INTERVAL_S = 5.0  # the least time between two redraws of a bar that is not on a terminal
@@ -49,43 +50,24 @@ def progress(iterable: Iterable | None = None, *, total: int | None, desc: str, 
 
 class _Bar(tqdm):
     """A tqdm bar that, while open, sends console log lines through ``tqdm.write`` (above the bar, which is
-    redrawn) rather than into the middle of its line."""
+    redrawn) rather than into the middle of its line: tqdm's own ``logging_redirect_tqdm``, entered for the
+    loggers that have a console handler of their own (one added to a logger without would print twice)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._swapped: list[tuple[logging.Logger, logging.Handler, logging.Handler]] = []
+        self._redirect = None
         if not self.disable:
-            for name in _CONSOLE_LOGGERS:
-                logger = logging.getLogger(name)
-                for handler in list(logger.handlers):
-                    if type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.stderr):
-                        above = _AboveBars(handler)
-                        logger.addHandler(above)
-                        logger.removeHandler(handler)
-                        self._swapped.append((logger, handler, above))
+            loggers = [logger for logger in map(logging.getLogger, _CONSOLE_LOGGERS)
+                       if any(type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr)
+                              for h in logger.handlers)]
+            if loggers:
+                self._redirect = logging_redirect_tqdm(loggers=loggers, tqdm_class=tqdm)
+                self._redirect.__enter__()
 
     def close(self):
         try:
             super().close()
         finally:
-            for logger, handler, above in reversed(getattr(self, "_swapped", [])):
-                logger.removeHandler(above)
-                logger.addHandler(handler)
-            self._swapped = []
-
-
-class _AboveBars(logging.StreamHandler):
-    """A console handler's stand-in: same stream, level, format and filters, written with ``tqdm.write``."""
-
-    def __init__(self, original: logging.StreamHandler):
-        super().__init__(original.stream)
-        self.setLevel(original.level)
-        self.setFormatter(original.formatter)
-        for log_filter in original.filters:
-            self.addFilter(log_filter)
-
-    def emit(self, record):
-        try:
-            tqdm.write(self.format(record), file=self.stream)
-        except Exception:  # noqa: BLE001  (logging never raises into the caller)
-            self.handleError(record)
+            redirect, self._redirect = getattr(self, "_redirect", None), None
+            if redirect is not None:
+                redirect.__exit__(None, None, None)
