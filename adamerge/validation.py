@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 OPTIMIZED_METRICS = ("test", "val")
-SAVE_DTYPES = ("stored", "float32", "float16", "bfloat16")  # save_merged_dtype: adamerge/models/export.py save_dtype
+SAVE_DTYPES = ("stored", "float32", "float16", "bfloat16")  # save_merged_dtype (adamerge/models/export.py save_dtype)
 
 
 class ConfigError(ValueError):
@@ -169,12 +169,9 @@ def validate_run_config(cfg: DictConfig) -> None:
                         "afresh: give the interrupted run's <run>/checkpoints/last.ckpt")
     elif path and not Path(str(path)).is_file():
         problems.append(f"ckpt_path={path}: no such file (give a run's checkpoints/last.ckpt)")
-    for flag in ("table_history", "search_reevaluate"):
+    for flag in ("table_history", "search_reevaluate", "save_merged"):
         if not isinstance(cfg.get(flag, False), bool):
             problems.append(f"{flag}={cfg.get(flag)!r}: must be true or false")
-    save = cfg.get("save_merged", False)
-    if not isinstance(save, bool):
-        problems.append(f"save_merged={save!r}: must be true or false")
     dtype = cfg.get("save_merged_dtype", "stored")
     if dtype not in SAVE_DTYPES:
         problems.append(f"save_merged_dtype={dtype!r}: valid are {', '.join(SAVE_DTYPES)}")

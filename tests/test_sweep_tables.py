@@ -60,6 +60,10 @@ def test_a_grid_edge_or_an_interval_bound_is_warned_about():
     assert not edge_warnings({"optimizer.lr": 1e-3}, [], spec)
     assert bound_warnings({"alpha": 0.0, "beta": 0.4}, {"alpha": (0.0, 2.0), "beta": (0.0, 1.0)})[0].startswith(
         "alpha=0 ended on a bound")
+    from adamerge.search import local_search
+
+    found = local_search(lambda p: -p["alpha"], {"alpha": 0.5}, {"alpha": 0.25}, {"alpha": (0.0, 1.0)}, budget=10)
+    assert found.best == {"alpha": 0.0} and found.warnings[0].startswith("alpha=0 ended on a bound")
 
 
 def test_an_in_run_lambda_grid_reports_its_choice_and_warns_at_the_edge(caplog):

@@ -34,7 +34,6 @@ from adamerge.runtime.process import start_process
 from adamerge.runtime.provenance import provenance
 from adamerge.runtime.reporting import print_config
 from adamerge.search import local_search
-from adamerge.search.edges import bound_warnings
 
 log = logging.getLogger(__name__)
 RANK_BY = ("trainer_state", "evaluate")
@@ -83,13 +82,12 @@ def _search(score, method, models, candidates) -> tuple[dict, dict]:
 
     found = local_search(objective, start, step, bounds, budget=method.budget, min_step=method.min_step,
                          desc=f"{method.label} search")
-    warnings = bound_warnings(found.best, bounds or {})
     log.info("%s: %s chosen on val (val mean %.1f, %d evaluations)", method.label,
              ", ".join(f"{k}={v:g}" for k, v in found.best.items()), 100 * found.value, found.evaluations)
-    for warning in warnings:
+    for warning in found.warnings:
         log.warning("%s: %s", method.label, warning)
     return found.best, {"best": found.best, "val_mean": found.value, "evaluations": found.evaluations,
-                        "warnings": warnings, "trace": trace}
+                        "warnings": found.warnings, "trace": trace}
 
 
 def run_llm(cfg: DictConfig) -> float:

@@ -28,7 +28,6 @@ from adamerge.methods.base import (MergeContext, MergeResult, Method, StateDict,
                                    require_label)
 from adamerge.models.heads import logits
 from adamerge.search import local_search
-from adamerge.search.edges import bound_warnings
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +117,9 @@ class _ExtrapolateThenMerge(Method):
                 found = local_search(lambda p: score(self.model(ctx, name, p)), start, step, bounds,
                                      budget=self.budget, min_step=self.min_step, desc=f"{self.label}: {name}")
                 point = found.best
-                warnings = bound_warnings(point, bounds or {})
-                for warning in warnings:
+                for warning in found.warnings:
                     log.warning("%s on %s: %s", self.label, name, warning)
-                searches[name] = {"score": found.value, "evaluations": found.evaluations, "warnings": warnings,
+                searches[name] = {"score": found.value, "evaluations": found.evaluations, "warnings": found.warnings,
                                   "history": [{**p, "score": v} for p, v in found.history]}
             models[name], chosen[name] = self.model(ctx, name, point), point
         if self.merge is None:  # the paper's own claim: each task's fine-tuned model improved, nothing merged

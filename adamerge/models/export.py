@@ -31,7 +31,6 @@ from adamerge.io import atomic_dir
 from adamerge.merging import check_compatible, check_finite
 from adamerge.merging.task_vectors import CheckpointMismatchError
 from adamerge.models.checkpoints import CheckpointError, save_state_dict
-from adamerge.validation import SAVE_DTYPES  # noqa: F401  (the save_merged_dtype choices, checked up front)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -141,9 +140,13 @@ def write_model(folder: Path, params: StateDict, description: dict, hf_config=No
             "weights": HF_WEIGHTS, "class": "CLIPVisionModelWithProjection",
             "note": "CLIPVisionModel.from_pretrained(folder) loads vision_model.* and leaves visual_projection.weight "
                     "unused; CLIPVisionModelWithProjection's image_embeds are the tower's output"}
+    write_description(folder, description)
+    return description
+
+
+def write_description(folder: Path, description: dict) -> None:
     (folder / DESCRIPTION).write_text(json.dumps(description, indent=2, ensure_ascii=False, default=str) + "\n",
                                       encoding="utf-8")
-    return description
 
 
 def task_folder(task: str) -> str:
@@ -189,9 +192,7 @@ def save_merged(cfg, ctx, method, result) -> dict:
             write_model(tmp if task is None else tmp / task_folder(task), params, {**base, "task": task}, hf_config,
                         hf, hf_source)
         if result.per_task is not None:
-            index = {**base, "per_task": {t: task_folder(t) for t in models}}
-            (tmp / DESCRIPTION).write_text(json.dumps(index, indent=2, ensure_ascii=False, default=str) + "\n",
-                                           encoding="utf-8")
+            write_description(tmp, {**base, "per_task": {t: task_folder(t) for t in models}})
     saved = {"merged_model": str(target)}
     if result.per_task is not None:
         saved["merged_models"] = {t: str(target / task_folder(t)) for t in models}

@@ -43,12 +43,6 @@ def fingerprint(config: Mapping[str, Any] | None, ignore: Iterable[str] = ()) ->
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def config_differences(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> list[str]:
-    """Keys of two resolved configs that differ in what can change a result, as ``key: a vs b``."""
-    fa, fb = result_config(a), result_config(b)
-    return [f"{k}: {fa.get(k, '∅')!r} vs {fb.get(k, '∅')!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
-
-
 def distinguishing_keys(configs: list[Mapping[str, Any] | None]) -> list[str]:
     """The result keys whose values are not the same in all ``configs``, in sorted order."""
     flat = [result_config(c) for c in configs]

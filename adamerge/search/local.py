@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from adamerge.runtime.progress import progress
+from adamerge.search.edges import bound_warnings
 
 
 @dataclass
@@ -20,6 +21,7 @@ class SearchResult:
     value: float
     evaluations: int
     history: list[tuple[dict[str, float], float]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the best point on a bound (search.edges.bound_warnings)
 
 
 def local_search(objective: Callable[[dict[str, float]], float], start: Mapping[str, float],
@@ -84,4 +86,5 @@ def local_search(objective: Callable[[dict[str, float]], float], start: Mapping[
             else:
                 best, best_value = candidate, candidate_value
         bar.total = len(cache)  # converged before the budget: the bar ends full at the evaluations used
-    return SearchResult(best=best, value=best_value, evaluations=len(cache), history=history)
+    return SearchResult(best=best, value=best_value, evaluations=len(cache), history=history,
+                        warnings=bound_warnings(best, bounds))
