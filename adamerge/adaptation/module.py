@@ -16,12 +16,11 @@ import torch
 from adamerge.adaptation.checkpointing import IDENTITY_KEY
 from adamerge.adaptation.guard import NonFiniteGuard
 from adamerge.adaptation.spec import CoefficientSpec
-from adamerge.adaptation.step import entropy_step
+from adamerge.adaptation.step import FORWARD_MODES, entropy_step
 from adamerge.merging import StackedTaskVectors
 from adamerge.merging.entropy import check_entropy_kind
 from adamerge.plots.layers import short_layer_name, tracked_layers
 
-FORWARD_MODES = ("concat", "per_task")
 METRICS_FILE = "adaptation_metrics.csv"  # in the trainer's root folder (the run folder): what curves.png is drawn from
 HISTORY_KEY = "adamerge_metric_history"  # the logged rows so far, in every checkpoint: a resumed run's log is whole
 

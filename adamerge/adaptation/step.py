@@ -16,6 +16,8 @@ from torch.func import functional_call
 from adamerge.merging import StackedTaskVectors, entropy_loss
 from adamerge.models.heads import logits
 
+FORWARD_MODES = ("concat", "per_task")
+
 
 def entropy_step(visual: torch.nn.Module, stacked: StackedTaskVectors, lam: torch.Tensor,
                  images: Sequence[torch.Tensor], heads: Sequence[torch.Tensor], *, forward_mode: str = "concat",

@@ -24,6 +24,7 @@ from typing import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from adamerge.merging.sort_prefix import first_k_mask
 from adamerge.merging.task_vectors import add_scaled
 
 MERGE_FUNCTIONS = ("mean", "sum")
@@ -180,14 +181,12 @@ def trim_thresholds(vectors: Sequence[Mapping[str, torch.Tensor]], keep: float, 
 
 def exact_k_mask(value: torch.Tensor, keep: float) -> torch.Tensor:
     """mergekit's magnitude trim of one tensor: exactly max(1, int(n·keep)) entries, the first of
-    ``argsort(|τ| as float32, descending)`` (its order decides among tied magnitudes)."""
+    ``argsort(|τ| as float32, descending)`` (its order decides among tied magnitudes; the set is found
+    without the sort, :mod:`adamerge.merging.sort_prefix`)."""
     if check_keep(keep) >= 1.0:
         return torch.ones_like(value, dtype=torch.bool)
     k = max(1, int(keep * value.numel()))
-    order = torch.argsort(value.abs().reshape(-1).float(), descending=True)[:k]
-    mask = torch.zeros(value.numel(), dtype=torch.bool, device=value.device)
-    mask[order] = True
-    return mask.view(value.shape)
+    return first_k_mask(value.abs().reshape(-1).float(), k).view(value.shape)
 
 
 def trimmer(vectors: Sequence[Mapping[str, torch.Tensor]], keep: float, *, scope: str = "vector",

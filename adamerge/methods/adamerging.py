@@ -6,21 +6,20 @@ TIES-trimmed, sign-agreeing task vectors kept separate per task.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from adamerge.adaptation.checkpointing import InterruptCheckpoint, RunInterrupted
-from adamerge.adaptation.datamodule import UnlabelledTasksDataModule
-from adamerge.adaptation.module import FORWARD_MODES, AdaMergingModule
-from adamerge.adaptation.spec import CoefficientSpec
+from adamerge.adaptation.step import FORWARD_MODES
 from adamerge.merging import StackedTaskVectors, mergeable_keys
 from adamerge.merging.coefficients import check_coefficient_spec
 from adamerge.merging.entropy import check_entropy_kind
 from adamerge.merging.stacked import resolve_dtype
 from adamerge.merging.ties import check_keep, check_zero_sign
 from adamerge.methods.base import TRIM_COUNTS, MergeContext, MergeResult, Method, require_label
-from adamerge.plots.coefficients import coefficient_heatmap
+
+if TYPE_CHECKING:
+    from adamerge.adaptation.spec import CoefficientSpec
 
 class AdaptationOutOfMemory(RuntimeError):
     """Out of memory during adaptation, with the settings that bound memory spelled out."""
@@ -67,6 +66,8 @@ class AdaMerging(Method):
     def spec(self, ctx: MergeContext) -> CoefficientSpec:
         """What λ is in this run (tasks, tensors, granularity, init, clamp, trimming): it creates λ, writes it
         with its meaning, and refuses coefficient files and checkpoints that mean something else."""
+        from adamerge.adaptation.spec import CoefficientSpec
+
         return CoefficientSpec(tuple(ctx.task_names), tuple(mergeable_keys(ctx.pretrained)), self.granularity,
                                self.init, self.clamp, self.trimming, self.label)
 
@@ -74,6 +75,13 @@ class AdaMerging(Method):
         return self.spec(ctx).identity()
 
     def run(self, ctx: MergeContext) -> MergeResult:
+        # Lightning loads here, not at import: the registry of weight-only methods (adamerge-merge-models) imports
+        # every method class and should not pay seconds of Lightning import for one it never runs
+        from adamerge.adaptation.checkpointing import InterruptCheckpoint, RunInterrupted
+        from adamerge.adaptation.datamodule import UnlabelledTasksDataModule
+        from adamerge.adaptation.module import AdaMergingModule
+        from adamerge.plots.coefficients import coefficient_heatmap
+
         names, spec = ctx.task_names, self.spec(ctx)
         if ctx.ckpt_path and not self.coefficients_file:  # refuse a foreign checkpoint before building anything
             spec.check_resume(ctx.ckpt_path)

@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 
 from adamerge.data.task import Task
-from adamerge.evaluation.accuracy import accuracies
 from adamerge.merging.task_vectors import TaskVectorView
-from adamerge.models.backbone import Backbone
+
+if TYPE_CHECKING:  # the CLIP side, imported where it runs: model-directory merges never load open_clip
+    from adamerge.models.backbone import Backbone
 
 StateDict = dict[str, torch.Tensor]
 TRIM_COUNTS = ("image_encoder", "tower")
@@ -59,6 +60,8 @@ class MergeContext:
 
     def evaluate(self, params: StateDict | Mapping[str, StateDict], split: str = "test", per_task: bool = False) -> dict[str, float]:
         by_task = params if per_task else {n: params for n in self.task_names}
+        from adamerge.evaluation.accuracy import accuracies
+
         return accuracies(self.backbone.visual, by_task, self.heads, self.tasks, split, self.eval_batch_size, self.device)
 
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import open_clip
 import torch
 
 log = logging.getLogger(__name__)
@@ -24,6 +23,8 @@ def register_architectures() -> list[str]:
     """Add adamerge's small architectures (``architectures/*.json``) to open_clip's registry."""
     global _registered
     if not _registered:
+        import open_clip  # here, not at the top: merging model directories never needs it (seconds of import)
+
         open_clip.add_model_config(_ARCH_DIR)
         _registered = True
     return sorted(p.stem for p in _ARCH_DIR.glob("*.json"))
@@ -32,7 +33,7 @@ def register_architectures() -> list[str]:
 @dataclass
 class Backbone:
     name: str
-    clip: open_clip.CLIP
+    clip: torch.nn.Module  # an open_clip.CLIP (not annotated so: OmegaConf resolves the hints, open_clip loads lazily)
     tokenizer: Callable[[list[str]], torch.Tensor]
     preprocess: Callable  # PIL image -> tensor, open_clip's validation transform
     preprocess_train: Callable | None = None  # open_clip's training transform (random resized crop), for fine-tuning
@@ -99,6 +100,8 @@ def load_open_clip(arch: str, pretrained: str | None = None, cache_dir: str | No
     right after (the embedded world's pre-training, a transformers conversion), so open_clip's warning
     that the model is "initialized randomly" would mislead; a debug line says so instead.
     """
+    import open_clip
+
     register_architectures()
     known = open_clip.list_models()
     if arch not in known:
