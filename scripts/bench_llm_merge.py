@@ -4,8 +4,9 @@ A synthetic Llama in bf16 (random weights; base + 3 fine-tunes = base + noise; 1
 then each tool merges it in its own process, interleaved (adamerge, mergekit, adamerge, mergekit), with the
 same threads. Peak RSS is the child's ``VmHWM`` (its resident high-water mark since exec — what cgroups and SLURM
 ``--mem`` limit; ``ru_maxrss`` would also count the pages a fork inherits from this driver), polled from
-``/proc/<pid>/status`` with its split into anonymous and file-backed memory. Results:
-``results/bench_llm_merge/<date>.{json,md}``.
+``/proc/<pid>/status`` with its split into anonymous and file-backed memory. The last run's two outputs are
+compared tensor by tensor (bf16 bits). Results: ``results/bench_llm_merge/<date>.{json,md}`` (a new name
+``<date>-2`` … rather than overwriting an earlier run of the same day).
 
     .venv/bin/python scripts/bench_llm_merge.py --mergekit /tmp/mkvenv/bin/mergekit-yaml      # ≈ 1.0 B parameters
     .venv/bin/python scripts/bench_llm_merge.py --layers 2 --hidden 512 --repeats 1 --mergekit …  # a quick look
@@ -105,6 +106,52 @@ def measure(command: list[str], env: dict) -> dict:
             "peak_anon_gib": round(peaks["RssAnon"] / gib, 2), "peak_file_gib": round(peaks["RssFile"] / gib, 2)}
 
 
+def _tensors(folder: Path) -> dict[str, Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    return {k: folder / "model.safetensors" for k in _keys(folder / "model.safetensors")}
+
+
+def _keys(file: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        return list(f.keys())
+
+
+def compare_outputs(ours: Path, theirs: Path) -> dict:
+    """How many tensors and entries of the two merged directories differ (exact bits)."""
+    from safetensors import safe_open
+
+    a, b = _tensors(ours), _tensors(theirs)
+    if set(a) != set(b):
+        return {"same_keys": False, "only_adamerge": sorted(set(a) - set(b))[:5], "only_mergekit": sorted(set(b) - set(a))[:5]}
+    differing = entries = total = 0
+    worst = 0.0
+    for key in sorted(a):
+        with safe_open(str(a[key]), "pt") as fa, safe_open(str(b[key]), "pt") as fb:
+            x, y = fa.get_tensor(key), fb.get_tensor(key)
+        total += x.numel()
+        if x.dtype != y.dtype or x.shape != y.shape:
+            differing += 1
+            entries += x.numel()
+            continue
+        diff = int((x.view(-1).view(torch_int(x)) != y.view(-1).view(torch_int(y))).sum())
+        if diff:
+            differing += 1
+            entries += diff
+            worst = max(worst, float((x.float() - y.float()).abs().max()))
+    return {"same_keys": True, "tensors": len(a), "entries": total, "tensors_differing": differing,
+            "entries_differing": entries, "max_abs_diff": worst}
+
+
+def torch_int(t):
+    import torch
+
+    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+
+
 def mergekit_config(root: Path, method: str) -> str:
     params = {"weight": 0.3} if method == "task_arithmetic" else {"weight": 1.0, "density": 0.2}
     config = {"merge_method": method, "base_model": str(root / "base"), "dtype": "float32", "out_dtype": "bfloat16",
@@ -136,7 +183,7 @@ def main() -> None:
     adamerge_bin = str(Path(sys.executable).parent / "adamerge-merge-models")
     ours = {"task_arithmetic": ["--method", "task_arithmetic", "--lam", "0.3"],
             "ties": ["--method", "ties_mergekit", "--keep", "0.2"]}
-    rows = []
+    rows, comparisons = [], {}
     for method in args.methods:
         for repeat in range(args.repeats):
             for tool in ("adamerge", "mergekit") if args.mergekit else ("adamerge",):
@@ -151,15 +198,26 @@ def main() -> None:
                 result = measure(command, env)
                 rows.append({"tool": tool, "method": method, "repeat": repeat + 1, **result})
                 print(json.dumps(rows[-1]), flush=True)
+                if repeat + 1 < args.repeats or not args.mergekit:
+                    subprocess.run(["rm", "-rf", str(out)], check=True)
+        if args.mergekit:  # the last pair's outputs: the same tensors?
+            outs = [root / f"out_{tool}_{method}" for tool in ("adamerge", "mergekit")]
+            comparisons[method] = compare_outputs(*outs)
+            print(method, json.dumps(comparisons[method]), flush=True)
+            for out in outs:
                 subprocess.run(["rm", "-rf", str(out)], check=True)
 
-    stamp = dt.date.today().isoformat()
+    day = dt.date.today().isoformat()
     folder = ROOT / "results" / "bench_llm_merge"
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"date": stamp, "parameters": count, "layers": args.layers, "hidden": args.hidden,
+    stamp, n = day, 1
+    while (folder / f"{stamp}.json").exists():
+        n += 1
+        stamp = f"{day}-{n}"
+    record = {"date": day, "name": stamp, "parameters": count, "layers": args.layers, "hidden": args.hidden,
               "intermediate": args.intermediate, "vocab": args.vocab, "shard": args.shard, "threads": args.threads,
               "dtype": "bfloat16", "models": 1 + len(MODELS), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "rows": rows}
+              "rows": rows, "outputs_compared": comparisons}
     (folder / f"{stamp}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# Merging a synthetic {count / 1e9:.2f} B-parameter Llama (bf16, base + 3, {args.shard} shards, "
              f"{args.threads} threads, {stamp})", "",
@@ -171,6 +229,12 @@ def main() -> None:
         name = {"task_arithmetic": "task arithmetic", "ties": "TIES (mergekit rule)"}[r["method"]]
         lines.append(f"| {r['tool']} | {name} | {r['repeat']} | {r['wall_s']} | {r['peak_rss_gib']} | "
                      f"{r['peak_anon_gib']} | {r['peak_file_gib']} |")
+    for method, c in comparisons.items():
+        if c.get("same_keys"):
+            lines.append(f"\n{method}: the last pair's outputs differ in {c['tensors_differing']} of {c['tensors']} tensors, "
+                         f"{c['entries_differing']} of {c['entries']} entries (max |Δ| {c['max_abs_diff']:g}).")
+        else:
+            lines.append(f"\n{method}: the outputs name different tensors: {c}")
     (folder / f"{stamp}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {folder / stamp}.{{json,md}}")
 

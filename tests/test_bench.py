@@ -60,3 +60,28 @@ def test_adamerge_bench_tiny_matches_fusionbench_tiny_clip():
     assert visual.image_size == (32, 32) and visual.patch_size == (8, 8)
     assert len(visual.transformer.resblocks) == 2 and visual.transformer.width == 64
     assert type(visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+
+
+def test_llm_bench_compares_outputs_bit_for_bit(tmp_path):
+    """bench_llm_merge's output check counts every differing bf16 entry, sharded or not."""
+    import torch
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("bench_llm_merge", ROOT / "scripts" / "bench_llm_merge.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    w = torch.randn(4, 8).bfloat16()
+    v = torch.randn(16).bfloat16()
+    save_file({"w": w, "v": v}, str(a / "model.safetensors"))
+    changed = v.clone()
+    changed[3] = changed[3] * 2 + 1  # one entry, one tensor
+    save_file({"w": w}, str(b / "model-00001-of-00002.safetensors"))
+    save_file({"v": changed}, str(b / "model-00002-of-00002.safetensors"))
+    (b / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "w": "model-00001-of-00002.safetensors", "v": "model-00002-of-00002.safetensors"}}))
+    c = module.compare_outputs(a, b)
+    assert (c["tensors"], c["entries"], c["tensors_differing"], c["entries_differing"]) == (2, 48, 1, 1)
+    assert c["max_abs_diff"] == abs(float(changed[3]) - float(v[3]))
+    assert module.compare_outputs(a, a)["entries_differing"] == 0
