@@ -106,50 +106,33 @@ def measure(command: list[str], env: dict) -> dict:
             "peak_anon_gib": round(peaks["RssAnon"] / gib, 2), "peak_file_gib": round(peaks["RssFile"] / gib, 2)}
 
 
-def _tensors(folder: Path) -> dict[str, Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-    return {k: folder / "model.safetensors" for k in _keys(folder / "model.safetensors")}
-
-
-def _keys(file: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), "pt") as f:
-        return list(f.keys())
-
-
 def compare_outputs(ours: Path, theirs: Path) -> dict:
     """How many tensors and entries of the two merged directories differ (exact bits)."""
-    from safetensors import safe_open
+    import torch
 
-    a, b = _tensors(ours), _tensors(theirs)
-    if set(a) != set(b):
-        return {"same_keys": False, "only_adamerge": sorted(set(a) - set(b))[:5], "only_mergekit": sorted(set(b) - set(a))[:5]}
+    from adamerge.model_dirs import ModelDir
+
+    a, b = ModelDir(ours), ModelDir(theirs)
+    if a.weight_map.keys() != b.weight_map.keys():
+        return {"same_keys": False, "only_adamerge": sorted(a.weight_map.keys() - b.weight_map.keys())[:5],
+                "only_mergekit": sorted(b.weight_map.keys() - a.weight_map.keys())[:5]}
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}
     differing = entries = total = 0
     worst = 0.0
-    for key in sorted(a):
-        with safe_open(str(a[key]), "pt") as fa, safe_open(str(b[key]), "pt") as fb:
-            x, y = fa.get_tensor(key), fb.get_tensor(key)
+    for key in sorted(a.weight_map):
+        x, y = a.tensor(key), b.tensor(key)
         total += x.numel()
         if x.dtype != y.dtype or x.shape != y.shape:
             differing += 1
             entries += x.numel()
             continue
-        diff = int((x.view(-1).view(torch_int(x)) != y.view(-1).view(torch_int(y))).sum())
+        diff = int((x.view(bits[x.element_size()]) != y.view(bits[y.element_size()])).sum())
         if diff:
             differing += 1
             entries += diff
             worst = max(worst, float((x.float() - y.float()).abs().max()))
-    return {"same_keys": True, "tensors": len(a), "entries": total, "tensors_differing": differing,
+    return {"same_keys": True, "tensors": len(a.weight_map), "entries": total, "tensors_differing": differing,
             "entries_differing": entries, "max_abs_diff": worst}
-
-
-def torch_int(t):
-    import torch
-
-    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
 
 
 def mergekit_config(root: Path, method: str) -> str:
