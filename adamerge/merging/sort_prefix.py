@@ -121,20 +121,18 @@ def replay(vals: torch.Tensor, k: int, depth: int | None = None) -> torch.Tensor
         pa, pb = _counts_before_chunks(istop), _counts_before_chunks(jstop)
         m = _swaps(istop, jstop, pa, pb)
         cut = _position_of(istop, pa, m)  # where the left scan stops for good: Aₘ, or B₍ₘ₋₁₎ if earlier
-        start = cut
         if m:
             b_last = _position_of(jstop, pb, int(pb[-1]) - m)
             if cut is None or b_last <= cut:
                 cut = start = b_last
             else:
                 start = cut + 1
-        # the swapped entries: left-scan stops in [0, cut), right-scan stops in [start, end)
-        if m:
+            # the swapped entries: left-scan stops in [0, cut), right-scan stops in [start, end)
             left_at = torch.nonzero(istop[:cut]).squeeze(1)
             right_at = torch.nonzero(jstop[start:]).squeeze(1) + start
             if left_at.numel() != m or right_at.numel() != m:
                 raise RuntimeError(f"sort replay lost its place: {left_at.numel()}/{right_at.numel()} stops for {m} swaps")
-            if k >= lo + 1 + cut:  # go right; the left side is final, only its members matter
+            if k >= lo + 1 + cut:  # going right: the left side is final, only its members matter
                 moved_left = iseg.index_select(0, right_at).flip(0)
                 seg.index_copy_(0, right_at, seg.index_select(0, left_at).flip(0))
                 iseg.index_copy_(0, right_at, iseg.index_select(0, left_at).flip(0))
@@ -142,10 +140,7 @@ def replay(vals: torch.Tensor, k: int, depth: int | None = None) -> torch.Tensor
             else:
                 seg.index_copy_(0, left_at, seg.index_select(0, right_at).flip(0))
                 iseg.index_copy_(0, left_at, iseg.index_select(0, right_at).flip(0))
-        if k >= lo + 1 + cut:
-            lo = lo + 1 + cut
-        else:
-            hi = lo + 1 + cut
+        lo, hi = (lo + 1 + cut, hi) if k >= lo + 1 + cut else (lo, lo + 1 + cut)
     mask = torch.zeros(n, dtype=torch.bool)
     mask[idx[:lo].long()] = True
     if lo < k < hi:  # a leaf: the final insertion sort orders it stably

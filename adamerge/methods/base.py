@@ -59,9 +59,9 @@ class MergeContext:
         return {"zero_sign": zero_sign, "uncounted": [self.filled.get(n, frozenset()) for n in self.task_names]}
 
     def evaluate(self, params: StateDict | Mapping[str, StateDict], split: str = "test", per_task: bool = False) -> dict[str, float]:
-        by_task = params if per_task else {n: params for n in self.task_names}
         from adamerge.evaluation.accuracy import accuracies
 
+        by_task = params if per_task else {n: params for n in self.task_names}
         return accuracies(self.backbone.visual, by_task, self.heads, self.tasks, split, self.eval_batch_size, self.device)
 
 
