@@ -116,8 +116,7 @@ def test_depth_limit_hands_over_to_argsort(monkeypatch):
 
 def test_a_different_sort_is_detected(monkeypatch, caplog):
     """A torch whose CPU sort is another algorithm (e.g. libc++'s) must not get the replay."""
-    stable = lambda x, k: argsort_mask_stable(x, k)  # noqa: E731
-    monkeypatch.setattr(sort_prefix, "argsort_mask", stable)
+    monkeypatch.setattr(sort_prefix, "argsort_mask", argsort_mask_stable)
     with caplog.at_level(logging.WARNING, logger="adamerge.merging.sort_prefix"):
         assert sort_prefix.replay_agrees.__wrapped__() is False
     assert "falls back to a full argsort" in caplog.text
